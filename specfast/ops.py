@@ -1,0 +1,474 @@
+"""Every op schema of specfast, registered with ``torch.library.custom_op``.
+
+Each op has: a default implementation (the pure-torch reference, used on devices without a native
+kernel, with a warning), a fake (meta) implementation for ``torch.compile``, a native CPU kernel
+(``specfast._C``), and autograd where a gradient exists. The kernels see only data pointers,
+shapes and strides (built here by ``_views``), never tensors.
+
+Schemas (``*b`` = any batch dims, ``G`` = a list of matrices of different shapes):
+  gram_matvec(W[*b,m,n], X[*b,n,c]) -> Y[*b,n,c]                        Y = Wᵀ(W X)
+  gram_matvec_grouped(Ws[G], Xs[G]) -> Ys[G]
+  krylov_svd(W[*b,m,n], k, block, max_basis, max_iter, tol, largest, want_vectors, seed)
+      -> (S[*b,k], bound[*b,k], iters[*b], converged[*b], status[*b], U[*b,m,k|0], V[*b,n,k|0])
+  krylov_svd_grouped(Ws[G], ...) -> (S[G,k], bound[G,k], iters[G], converged[G], status[G], Us[G], Vs[G])
+  frobenius_scan(W[*b,m,n]) -> (frob_sq[*b], nonfinite[*b])   (+ _grouped)
+  slq_gram(W[*b,m,n], nprobe, steps, seed) -> (nodes[*b,p,s], weights[*b,p,s], dims[*b], status[*b])
+      (+ _grouped)
+Float outputs of the Krylov/SLQ/scan ops are float64; gram_matvec returns X's dtype.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from . import reference
+from ._native import _C, NATIVE_ERROR, fallback
+
+DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+STATUS_OK, STATUS_NONFINITE, STATUS_EIG_FAILED = 0, 1, 2
+
+
+def num_threads() -> int:
+    # Follow torch so specfast and torch never fight over cores.
+    return max(1, torch.get_num_threads())
+
+
+# ------------------------------------------------------------------------------------------ views
+@dataclass
+class Views:
+    """What the kernels see: one (pointer, rows, cols, row_stride) per matrix, in storage order."""
+
+    dtype_code: int
+    ptrs: list = field(default_factory=list)
+    rows: list = field(default_factory=list)
+    cols: list = field(default_factory=list)
+    row_strides: list = field(default_factory=list)
+    transposed: list = field(default_factory=list)  # True: the view is Wᵀ (column-major storage)
+    keepalive: list = field(default_factory=list)   # tensors that own the memory
+
+
+def _layout(W: Tensor):
+    """(tensor to view, transposed?) for a [*b, m, n] tensor, copying only if neither the last nor
+    the second-to-last dimension is contiguous (e.g. a column-strided slice)."""
+    m, n = W.shape[-2:]
+    sm, sn = W.stride(-2), W.stride(-1)
+    if n == 1:
+        sn = 1
+    if m == 1:
+        sm = max(n, 1)
+    if sn == 1 and sm >= n:
+        return W, False, sm
+    sm_t, sn_t = W.stride(-2), W.stride(-1)
+    if m == 1:
+        sm_t = 1
+    if n == 1:
+        sn_t = max(m, 1)
+    if sm_t == 1 and sn_t >= m:
+        return W, True, sn_t
+    Wc = W.contiguous()
+    return Wc, False, max(n, 1)
+
+
+def _add_stack(v: Views, W: Tensor) -> None:
+    Wv, tr, rs = _layout(W)
+    m, n = W.shape[-2:]
+    batch = W.shape[:-2]
+    esize = Wv.element_size()
+    off = torch.zeros((), dtype=torch.int64)
+    for size, stride in zip(batch, Wv.stride()[:-2]):
+        off = off.unsqueeze(-1) + torch.arange(size, dtype=torch.int64) * stride
+    base = Wv.data_ptr()
+    offs = off.reshape(-1).tolist() if len(batch) else [0]
+    count = len(offs)
+    v.ptrs.extend(base + o * esize for o in offs)
+    v.rows.extend([n if tr else m] * count)
+    v.cols.extend([m if tr else n] * count)
+    v.row_strides.extend([rs] * count)
+    v.transposed.extend([tr] * count)
+    v.keepalive.append(Wv)
+
+
+def stack_views(W: Tensor) -> Views:
+    v = Views(DTYPE_CODE[W.dtype])
+    _add_stack(v, W)
+    return v
+
+
+def list_views(Ws: list[Tensor]) -> Views:
+    v = Views(DTYPE_CODE[Ws[0].dtype] if Ws else 0)
+    for W in Ws:
+        _add_stack(v, W)
+    return v
+
+
+
+
+def _batch_numel(shape) -> int:
+    return int(math.prod(shape))
+
+
+# -------------------------------------------------------------------------------- gram_matvec
+def _gram_native(views: Views, Xs: list[Tensor], Ys_shape_n: list[int]) -> list[Tensor]:
+    """Run Y_i = W_iᵀ(W_i X_i) for every view; X_i [n_i, c] float64 -> Y_i [n_i, c]."""
+    c = Xs[0].shape[-1] if Xs else 0
+    Xk = [x.mT.contiguous() for x in Xs]                       # [c, n] rows = vectors
+    Yk = [torch.empty(c, n, dtype=torch.float64) for n in Ys_shape_n]
+    # For a transposed view Wt = Wᵀ (rows n, cols m): WᵀW x = Wt Wtᵀ x, the Left Gram side.
+    sides = [1 if t else 0 for t in views.transposed]
+    _C.gram_apply(views.ptrs, views.dtype_code, views.rows, views.cols, views.row_strides, sides, c,
+                  [x.data_ptr() for x in Xk], [x.shape[-1] for x in Xk],
+                  [y.data_ptr() for y in Yk], [y.shape[-1] for y in Yk], num_threads())
+    return [y.mT for y in Yk]
+
+
+@torch.library.custom_op("specfast::gram_matvec", mutates_args=())
+def gram_matvec_op(W: Tensor, X: Tensor) -> Tensor:
+    fallback("gram_matvec", W.device.type, _reason(W))
+    return reference.gram_matvec(W, X)
+
+
+@gram_matvec_op.register_fake
+def _(W, X):
+    return X.new_empty(X.shape)
+
+
+def _reason(W: Tensor) -> str:
+    if W.device.type == "cpu":
+        return "the native module failed to load: " + str(NATIVE_ERROR)
+    return "CUDA kernels are not built into this version"
+
+
+if _C is not None:
+
+    @gram_matvec_op.register_kernel("cpu")
+    def _(W, X):
+        views = stack_views(W)
+        n = W.shape[-1]
+        B = _batch_numel(W.shape[:-2])
+        Xd = X.to(torch.float64).reshape(B, n, X.shape[-1])
+        Ys = _gram_native(views, list(Xd.unbind(0)), [n] * B)
+        if B == 0:
+            return X.new_empty(X.shape)
+        return torch.stack(Ys).reshape(X.shape).to(X.dtype)
+
+
+@torch.library.custom_op("specfast::gram_matvec_grouped", mutates_args=())
+def gram_matvec_grouped_op(Ws: list[Tensor], Xs: list[Tensor]) -> list[Tensor]:
+    if Ws:
+        fallback("gram_matvec_grouped", Ws[0].device.type, _reason(Ws[0]))
+    return [reference.gram_matvec(W, X) for W, X in zip(Ws, Xs)]
+
+
+@gram_matvec_grouped_op.register_fake
+def _(Ws, Xs):
+    return [X.new_empty(X.shape) for X in Xs]
+
+
+if _C is not None:
+
+    @gram_matvec_grouped_op.register_kernel("cpu")
+    def _(Ws, Xs):
+        if not Ws:
+            return []
+        views = list_views(list(Ws))
+        Ys = _gram_native(views, [x.to(torch.float64) for x in Xs], [W.shape[-1] for W in Ws])
+        return [y.to(x.dtype) for y, x in zip(Ys, Xs)]
+
+
+# -------------------------------------------------------------------------------- krylov_svd
+def _krylov_native(views: Views, shapes: list[tuple[int, int]], k: int, block: int, max_basis: int,
+                   max_iter: int, tol: float, largest: bool, want_vectors: bool, seed: int):
+    G = len(views.ptrs)
+    S = torch.empty(G, k, dtype=torch.float64)
+    bound = torch.empty(G, k, dtype=torch.float64)
+    iters = torch.zeros(G, dtype=torch.int64)
+    conv = torch.zeros(G, dtype=torch.uint8)
+    status = torch.zeros(G, dtype=torch.int32)
+    # kernel layout: k vectors of length rows (U side of the view) and cols (V side)
+    Uk = [torch.zeros(k if want_vectors else 0, r, dtype=torch.float64) for r in views.rows]
+    Vk = [torch.zeros(k if want_vectors else 0, c, dtype=torch.float64) for c in views.cols]
+    if G:
+        _C.krylov_svd(views.ptrs, views.dtype_code, views.rows, views.cols, views.row_strides,
+                      k, block, max_basis, max_iter, float(tol), bool(largest), bool(want_vectors),
+                      int(seed) % (2**64), S.data_ptr(), bound.data_ptr(), iters.data_ptr(),
+                      conv.data_ptr(), status.data_ptr(), [u.data_ptr() for u in Uk],
+                      [v.data_ptr() for v in Vk], num_threads())
+    Us, Vs = [], []
+    for tr, u, v in zip(views.transposed, Uk, Vk):
+        if tr:  # the kernel saw Wᵀ: its left vectors are our right ones
+            u, v = v, u
+        Us.append(u.mT.contiguous())
+        Vs.append(v.mT.contiguous())
+    return S, bound, iters, conv.to(torch.bool), status, Us, Vs
+
+
+_KRYLOV_ARGS = "k, block, max_basis, max_iter, tol, largest, want_vectors, seed"
+
+
+@torch.library.custom_op("specfast::krylov_svd", mutates_args=())
+def krylov_svd_op(W: Tensor, k: int, block: int, max_basis: int, max_iter: int, tol: float,
+                  largest: bool, want_vectors: bool, seed: int
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    fallback("krylov_svd", W.device.type, _reason(W))
+    return reference.krylov_svd(W, k, largest, want_vectors)
+
+
+@krylov_svd_op.register_fake
+def _(W, k, block, max_basis, max_iter, tol, largest, want_vectors, seed):
+    batch = W.shape[:-2]
+    m, n = W.shape[-2:]
+    kv = k if want_vectors else 0
+    f64 = dict(dtype=torch.float64, device=W.device)
+    return (W.new_empty((*batch, k), **f64), W.new_empty((*batch, k), **f64),
+            W.new_empty(batch, dtype=torch.int64), W.new_empty(batch, dtype=torch.bool),
+            W.new_empty(batch, dtype=torch.int32), W.new_empty((*batch, m, kv), **f64),
+            W.new_empty((*batch, n, kv), **f64))
+
+
+if _C is not None:
+
+    @krylov_svd_op.register_kernel("cpu")
+    def _(W, k, block, max_basis, max_iter, tol, largest, want_vectors, seed):
+        batch = W.shape[:-2]
+        m, n = W.shape[-2:]
+        views = stack_views(W)
+        S, bound, iters, conv, status, Us, Vs = _krylov_native(
+            views, [(m, n)], k, block, max_basis, max_iter, tol, largest, want_vectors, seed)
+        kv = k if want_vectors else 0
+        U = torch.stack(Us) if Us else torch.zeros(0, m, kv, dtype=torch.float64)
+        V = torch.stack(Vs) if Vs else torch.zeros(0, n, kv, dtype=torch.float64)
+        return (S.reshape(*batch, k), bound.reshape(*batch, k), iters.reshape(batch),
+                conv.reshape(batch), status.reshape(batch), U.reshape(*batch, m, kv),
+                V.reshape(*batch, n, kv))
+
+
+@torch.library.custom_op("specfast::krylov_svd_grouped", mutates_args=())
+def krylov_svd_grouped_op(Ws: list[Tensor], k: int, block: int, max_basis: int, max_iter: int,
+                          tol: float, largest: bool, want_vectors: bool, seed: int
+                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor], list[Tensor]]:
+    if Ws:
+        fallback("krylov_svd_grouped", Ws[0].device.type, _reason(Ws[0]))
+    outs = [reference.krylov_svd(W, k, largest, want_vectors) for W in Ws]
+    dev = Ws[0].device if Ws else torch.device("cpu")
+    if not outs:
+        e = torch.empty(0, k, dtype=torch.float64)
+        return (e, e.clone(), torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.bool),
+                torch.empty(0, dtype=torch.int32), [], [])
+    cat = [torch.stack([o[i] for o in outs]).to(dev) for i in range(5)]
+    return (*cat, [o[5] for o in outs], [o[6] for o in outs])
+
+
+@krylov_svd_grouped_op.register_fake
+def _(Ws, k, block, max_basis, max_iter, tol, largest, want_vectors, seed):
+    G = len(Ws)
+    kv = k if want_vectors else 0
+    dev = Ws[0].device if Ws else torch.device("cpu")
+    f64 = dict(dtype=torch.float64, device=dev)
+    return (torch.empty(G, k, **f64), torch.empty(G, k, **f64),
+            torch.empty(G, dtype=torch.int64, device=dev), torch.empty(G, dtype=torch.bool, device=dev),
+            torch.empty(G, dtype=torch.int32, device=dev),
+            [W.new_empty((W.shape[-2], kv), **f64) for W in Ws],
+            [W.new_empty((W.shape[-1], kv), **f64) for W in Ws])
+
+
+if _C is not None:
+
+    @krylov_svd_grouped_op.register_kernel("cpu")
+    def _(Ws, k, block, max_basis, max_iter, tol, largest, want_vectors, seed):
+        views = list_views(list(Ws))
+        return _krylov_native(views, [tuple(W.shape) for W in Ws], k, block, max_basis, max_iter,
+                              tol, largest, want_vectors, seed)
+
+
+# Autograd: dσ_i/dW = u_i v_iᵀ. Bounds, counters and singular vectors are not differentiable.
+def _krylov_setup(ctx, inputs, output):
+    S, bound, iters, conv, status, U, V = output
+    ctx.want_vectors = inputs[7]
+    ctx.k = inputs[1]
+    ctx.save_for_backward(U, V)
+    ctx.dtype = inputs[0].dtype
+
+
+def _krylov_backward(ctx, gS, gbound, giters, gconv, gstatus, gU, gV):
+    U, V = ctx.saved_tensors
+    if ctx.k > 0 and U.shape[-1] == 0:
+        raise RuntimeError("specfast.krylov_svd: backward needs the singular vectors; call the op "
+                           "with want_vectors=True (the public API does this when W requires grad)")
+    gS = torch.nan_to_num(gS, nan=0.0)
+    Un = torch.nan_to_num(U)
+    grad = (Un * gS.unsqueeze(-2)) @ torch.nan_to_num(V).mT
+    return grad.to(ctx.dtype), None, None, None, None, None, None, None, None
+
+
+krylov_svd_op.register_autograd(_krylov_backward, setup_context=_krylov_setup)
+
+
+def _krylov_grouped_setup(ctx, inputs, output):
+    S, bound, iters, conv, status, Us, Vs = output
+    ctx.k = inputs[1]
+    ctx.dtypes = [W.dtype for W in inputs[0]]
+    ctx.save_for_backward(*Us, *Vs)
+    ctx.G = len(Us)
+
+
+def _krylov_grouped_backward(ctx, gS, gbound, giters, gconv, gstatus, gUs, gVs):
+    saved = ctx.saved_tensors
+    Us, Vs = saved[: ctx.G], saved[ctx.G:]
+    grads = []
+    for i in range(ctx.G):
+        if ctx.k > 0 and Us[i].shape[-1] == 0:
+            raise RuntimeError("specfast.krylov_svd_grouped: backward needs want_vectors=True")
+        g = torch.nan_to_num(gS[i], nan=0.0)
+        grads.append(((torch.nan_to_num(Us[i]) * g) @ torch.nan_to_num(Vs[i]).mT).to(ctx.dtypes[i]))
+    return grads, None, None, None, None, None, None, None, None
+
+
+krylov_svd_grouped_op.register_autograd(_krylov_grouped_backward, setup_context=_krylov_grouped_setup)
+
+
+# ---------------------------------------------------------------------------- frobenius_scan
+@torch.library.custom_op("specfast::frobenius_scan", mutates_args=())
+def frobenius_scan_op(W: Tensor) -> tuple[Tensor, Tensor]:
+    fallback("frobenius_scan", W.device.type, _reason(W))
+    return reference.frobenius_scan(W)
+
+
+@frobenius_scan_op.register_fake
+def _(W):
+    batch = W.shape[:-2]
+    return W.new_empty(batch, dtype=torch.float64), W.new_empty(batch, dtype=torch.int64)
+
+
+if _C is not None:
+
+    @frobenius_scan_op.register_kernel("cpu")
+    def _(W):
+        batch = W.shape[:-2]
+        views = stack_views(W)
+        G = len(views.ptrs)
+        fro = torch.zeros(G, dtype=torch.float64)
+        bad = torch.zeros(G, dtype=torch.int64)
+        if G and W.numel():
+            _C.frobenius_scan(views.ptrs, views.dtype_code, views.rows, views.cols,
+                              views.row_strides, fro.data_ptr(), bad.data_ptr(), num_threads())
+        return fro.reshape(batch), bad.reshape(batch)
+
+
+@torch.library.custom_op("specfast::frobenius_scan_grouped", mutates_args=())
+def frobenius_scan_grouped_op(Ws: list[Tensor]) -> tuple[Tensor, Tensor]:
+    if Ws:
+        fallback("frobenius_scan_grouped", Ws[0].device.type, _reason(Ws[0]))
+    outs = [reference.frobenius_scan(W) for W in Ws]
+    dev = Ws[0].device if Ws else torch.device("cpu")
+    fro = torch.stack([o[0] for o in outs]) if outs else torch.empty(0, dtype=torch.float64, device=dev)
+    bad = torch.stack([o[1] for o in outs]) if outs else torch.empty(0, dtype=torch.int64, device=dev)
+    return fro, bad
+
+
+@frobenius_scan_grouped_op.register_fake
+def _(Ws):
+    dev = Ws[0].device if Ws else torch.device("cpu")
+    return (torch.empty(len(Ws), dtype=torch.float64, device=dev),
+            torch.empty(len(Ws), dtype=torch.int64, device=dev))
+
+
+if _C is not None:
+
+    @frobenius_scan_grouped_op.register_kernel("cpu")
+    def _(Ws):
+        G = len(Ws)
+        fro = torch.zeros(G, dtype=torch.float64)
+        bad = torch.zeros(G, dtype=torch.int64)
+        nonempty = [W for W in Ws if W.numel()]
+        idx = [i for i, W in enumerate(Ws) if W.numel()]
+        if nonempty:
+            views = list_views(nonempty)
+            f2 = torch.zeros(len(idx), dtype=torch.float64)
+            b2 = torch.zeros(len(idx), dtype=torch.int64)
+            _C.frobenius_scan(views.ptrs, views.dtype_code, views.rows, views.cols,
+                              views.row_strides, f2.data_ptr(), b2.data_ptr(), num_threads())
+            fro[idx] = f2
+            bad[idx] = b2
+        return fro, bad
+
+
+# ---------------------------------------------------------------------------------- slq_gram
+@torch.library.custom_op("specfast::slq_gram", mutates_args=())
+def slq_gram_op(W: Tensor, nprobe: int, steps: int, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    fallback("slq_gram", W.device.type, _reason(W))
+    return reference.slq_gram(W, nprobe, steps, seed)
+
+
+@slq_gram_op.register_fake
+def _(W, nprobe, steps, seed):
+    batch = W.shape[:-2]
+    return (W.new_empty((*batch, nprobe, steps), dtype=torch.float64),
+            W.new_empty((*batch, nprobe, steps), dtype=torch.float64),
+            W.new_empty(batch, dtype=torch.int64), W.new_empty(batch, dtype=torch.int32))
+
+
+def _slq_native(views: Views, nprobe: int, steps: int, seed: int):
+    G = len(views.ptrs)
+    nodes = torch.zeros(G, nprobe, steps, dtype=torch.float64)
+    weights = torch.zeros(G, nprobe, steps, dtype=torch.float64)
+    dims = torch.zeros(G, dtype=torch.int64)
+    status = torch.zeros(G, dtype=torch.int32)
+    if G:
+        _C.slq(views.ptrs, views.dtype_code, views.rows, views.cols, views.row_strides, nprobe,
+               steps, int(seed) % (2**64), nodes.data_ptr(), weights.data_ptr(), dims.data_ptr(),
+               status.data_ptr(), num_threads())
+    return nodes, weights, dims, status
+
+
+if _C is not None:
+
+    @slq_gram_op.register_kernel("cpu")
+    def _(W, nprobe, steps, seed):
+        batch = W.shape[:-2]
+        nodes, weights, dims, status = _slq_native(stack_views(W), nprobe, steps, seed)
+        return (nodes.reshape(*batch, nprobe, steps), weights.reshape(*batch, nprobe, steps),
+                dims.reshape(batch), status.reshape(batch))
+
+
+@torch.library.custom_op("specfast::slq_gram_grouped", mutates_args=())
+def slq_gram_grouped_op(Ws: list[Tensor], nprobe: int, steps: int, seed: int
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if Ws:
+        fallback("slq_gram_grouped", Ws[0].device.type, _reason(Ws[0]))
+    outs = [reference.slq_gram(W, nprobe, steps, seed + i) for i, W in enumerate(Ws)]
+    if not outs:
+        return (torch.empty(0, nprobe, steps, dtype=torch.float64),
+                torch.empty(0, nprobe, steps, dtype=torch.float64),
+                torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int32))
+    return tuple(torch.stack([o[i] for o in outs]) for i in range(4))
+
+
+@slq_gram_grouped_op.register_fake
+def _(Ws, nprobe, steps, seed):
+    G = len(Ws)
+    dev = Ws[0].device if Ws else torch.device("cpu")
+    return (torch.empty(G, nprobe, steps, dtype=torch.float64, device=dev),
+            torch.empty(G, nprobe, steps, dtype=torch.float64, device=dev),
+            torch.empty(G, dtype=torch.int64, device=dev), torch.empty(G, dtype=torch.int32, device=dev))
+
+
+if _C is not None:
+
+    @slq_gram_grouped_op.register_kernel("cpu")
+    def _(Ws, nprobe, steps, seed):
+        return _slq_native(list_views(list(Ws)), nprobe, steps, seed)
+
+
+ALL_OPS = {
+    "gram_matvec": gram_matvec_op,
+    "gram_matvec_grouped": gram_matvec_grouped_op,
+    "krylov_svd": krylov_svd_op,
+    "krylov_svd_grouped": krylov_svd_grouped_op,
+    "frobenius_scan": frobenius_scan_op,
+    "frobenius_scan_grouped": frobenius_scan_grouped_op,
+    "slq_gram": slq_gram_op,
+    "slq_gram_grouped": slq_gram_grouped_op,
+}
