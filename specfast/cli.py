@@ -31,7 +31,7 @@ def info_lines() -> list[str]:
         lines.append(f"  native module: MISSING ({b.get('error')}) -> pure-torch reference on every device")
     else:
         lines += [
-            f"  native module: yes ({b['compiler']}, {b['cpu_dispatch']})",
+            f"  native module: yes ({b['compiler']}; CPU kernels dispatched to {b['cpu_isa']})",
             f"  openmp: {b['openmp']} (max threads {b['openmp_max_threads']})",
             f"  accumulation: {b['accumulation']}",
             f"  cuda: {b['cuda']}" + (f" (archs {b['cuda_archs']}, nvcc {b['cuda_version']}, "

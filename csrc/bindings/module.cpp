@@ -135,11 +135,7 @@ py::dict build_info() {
   d["cuda_archs"] = "";
   d["cuda_version"] = "";
 #endif
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-  d["cpu_dispatch"] = "target_clones(x86-64-v4, x86-64-v3, baseline)";
-#else
-  d["cpu_dispatch"] = "portable";
-#endif
+  d["cpu_isa"] = cpu_kernel_isa();
   d["accumulation"] = "float64 (CPU)";
   return d;
 }

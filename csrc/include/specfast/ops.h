@@ -27,6 +27,9 @@ void gram_apply_grouped(const MatrixView* mats, const GramSide* sides, int64_t c
                         const double* const* X, const int64_t* ldx, double* const* Y,
                         const int64_t* ldy, int num_threads);
 
+// Instruction set the CPU kernels dispatched to on this machine ("avx512", "avx2+fma+f16c", "portable").
+const char* cpu_kernel_isa();
+
 // Squared Frobenius norm and count of non-finite entries of each matrix, one pass.
 void frobenius_scan(const MatrixView* mats, int64_t count, double* frob_sq, int64_t* nonfinite,
                     int num_threads);
