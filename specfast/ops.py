@@ -179,30 +179,40 @@ if _C is not None:
 
 
 # -------------------------------------------------------------------------------- krylov_svd
-def _krylov_native(views: Views, shapes: list[tuple[int, int]], k: int, block: int, max_basis: int,
-                   max_iter: int, tol: float, largest: bool, want_vectors: bool, seed: int):
+def _krylov_run(views: Views, k: int, block: int, max_basis: int, max_iter: int, tol: float,
+                largest: bool, want_vectors: bool, seed: int, u_ptrs: list, v_ptrs: list):
+    """Call the native solver; vectors go to the given buffers (kernel layout: k rows of length
+    `rows` for U, `cols` for V, per view)."""
     G = len(views.ptrs)
     S = torch.empty(G, k, dtype=torch.float64)
     bound = torch.empty(G, k, dtype=torch.float64)
     iters = torch.zeros(G, dtype=torch.int64)
     conv = torch.zeros(G, dtype=torch.uint8)
     status = torch.zeros(G, dtype=torch.int32)
-    # kernel layout: k vectors of length rows (U side of the view) and cols (V side)
-    Uk = [torch.zeros(k if want_vectors else 0, r, dtype=torch.float64) for r in views.rows]
-    Vk = [torch.zeros(k if want_vectors else 0, c, dtype=torch.float64) for c in views.cols]
     if G:
         _C.krylov_svd(views.ptrs, views.dtype_code, views.rows, views.cols, views.row_strides,
                       k, block, max_basis, max_iter, float(tol), bool(largest), bool(want_vectors),
                       int(seed) % (2**64), S.data_ptr(), bound.data_ptr(), iters.data_ptr(),
-                      conv.data_ptr(), status.data_ptr(), [u.data_ptr() for u in Uk],
-                      [v.data_ptr() for v in Vk], num_threads())
+                      conv.data_ptr(), status.data_ptr(), u_ptrs, v_ptrs, num_threads())
+    return S, bound, iters, conv.to(torch.bool), status
+
+
+def _krylov_native(views: Views, k: int, block: int, max_basis: int, max_iter: int, tol: float,
+                   largest: bool, want_vectors: bool, seed: int):
+    """Ragged list: one (U, V) pair of tensors per matrix."""
+    kv = k if want_vectors else 0
+    Uk = [torch.zeros(kv, r, dtype=torch.float64) for r in views.rows]
+    Vk = [torch.zeros(kv, c, dtype=torch.float64) for c in views.cols]
+    S, bound, iters, conv, status = _krylov_run(
+        views, k, block, max_basis, max_iter, tol, largest, want_vectors, seed,
+        [u.data_ptr() for u in Uk] if want_vectors else [], [v.data_ptr() for v in Vk] if want_vectors else [])
     Us, Vs = [], []
     for tr, u, v in zip(views.transposed, Uk, Vk):
         if tr:  # the kernel saw Wᵀ: its left vectors are our right ones
             u, v = v, u
         Us.append(u.mT.contiguous())
         Vs.append(v.mT.contiguous())
-    return S, bound, iters, conv.to(torch.bool), status, Us, Vs
+    return S, bound, iters, conv, status, Us, Vs
 
 
 _KRYLOV_ARGS = "k, block, max_basis, max_iter, tol, largest, want_vectors, seed"
@@ -235,14 +245,21 @@ if _C is not None:
         batch = W.shape[:-2]
         m, n = W.shape[-2:]
         views = stack_views(W)
-        S, bound, iters, conv, status, Us, Vs = _krylov_native(
-            views, [(m, n)], k, block, max_basis, max_iter, tol, largest, want_vectors, seed)
+        B = len(views.ptrs)
         kv = k if want_vectors else 0
-        U = torch.stack(Us) if Us else torch.zeros(0, m, kv, dtype=torch.float64)
-        V = torch.stack(Vs) if Vs else torch.zeros(0, n, kv, dtype=torch.float64)
+        rows, cols = (n, m) if (B and views.transposed[0]) else (m, n)
+        # one buffer per side for the whole stack (kernel layout [B, k, rows] / [B, k, cols])
+        Ub = torch.zeros(B, kv, rows, dtype=torch.float64)
+        Vb = torch.zeros(B, kv, cols, dtype=torch.float64)
+        up = [Ub.data_ptr() + 8 * i * kv * rows for i in range(B)] if want_vectors else []
+        vp = [Vb.data_ptr() + 8 * i * kv * cols for i in range(B)] if want_vectors else []
+        S, bound, iters, conv, status = _krylov_run(views, k, block, max_basis, max_iter, tol, largest,
+                                                    want_vectors, seed, up, vp)
+        if B and views.transposed[0]:
+            Ub, Vb = Vb, Ub
         return (S.reshape(*batch, k), bound.reshape(*batch, k), iters.reshape(batch),
-                conv.reshape(batch), status.reshape(batch), U.reshape(*batch, m, kv),
-                V.reshape(*batch, n, kv))
+                conv.reshape(batch), status.reshape(batch),
+                Ub.mT.contiguous().reshape(*batch, m, kv), Vb.mT.contiguous().reshape(*batch, n, kv))
 
 
 @torch.library.custom_op("specfast::krylov_svd_grouped", mutates_args=())
@@ -279,8 +296,7 @@ if _C is not None:
     @krylov_svd_grouped_op.register_kernel("cpu")
     def _(Ws, k, block, max_basis, max_iter, tol, largest, want_vectors, seed):
         views = list_views(list(Ws))
-        return _krylov_native(views, [tuple(W.shape) for W in Ws], k, block, max_basis, max_iter,
-                              tol, largest, want_vectors, seed)
+        return _krylov_native(views, k, block, max_basis, max_iter, tol, largest, want_vectors, seed)
 
 
 # Autograd: dσ_i/dW = u_i v_iᵀ. Bounds, counters and singular vectors are not differentiable.

@@ -36,7 +36,14 @@ def krylov_svd(W: Tensor, k: int, largest: bool, want_vectors: bool):
     p = min(m, n)
     kk = min(k, p)
     Wd = W.to(torch.float64)
-    U, S, Vh = torch.linalg.svd(Wd, full_matrices=False)
+    fin = torch.isfinite(Wd).flatten(-2).all(-1)
+    Wd = torch.where(fin[..., None, None], Wd, torch.zeros_like(Wd))  # LAPACK must not see NaN
+    if want_vectors:
+        U, S, Vh = torch.linalg.svd(Wd, full_matrices=False)
+    else:
+        S = torch.linalg.svdvals(Wd)
+        U = S.new_zeros((*batch, m, p))
+        Vh = S.new_zeros((*batch, p, n))
     if largest:
         sel = slice(0, kk)
     else:
@@ -48,12 +55,12 @@ def krylov_svd(W: Tensor, k: int, largest: bool, want_vectors: bool):
         s, u, v = s.flip(-1), u.flip(-1), v.flip(-1)
     smax = S[..., :1] if p > 0 else torch.zeros(*batch, 1, dtype=torch.float64, device=W.device)
     bound = (4 * _EPS64 * math.sqrt(max(m, n, 1)) * smax).expand_as(s).clone()
-    fin = torch.isfinite(Wd).flatten(-2).all(-1)
     S_out = torch.full((*batch, k), float("nan"), dtype=torch.float64, device=W.device)
     B_out = torch.full((*batch, k), float("inf"), dtype=torch.float64, device=W.device)
     S_out[..., :kk] = s
     B_out[..., :kk] = bound
     S_out = torch.where(fin[..., None], S_out, torch.full_like(S_out, float("nan")))
+    B_out = torch.where(fin[..., None], B_out, torch.full_like(B_out, float("inf")))
     kv = k if want_vectors else 0
     U_out = torch.zeros((*batch, m, kv), dtype=torch.float64, device=W.device)
     V_out = torch.zeros((*batch, n, kv), dtype=torch.float64, device=W.device)
