@@ -98,10 +98,41 @@ def stack_views(W: Tensor) -> Views:
 
 
 def list_views(Ws: list[Tensor]) -> Views:
+    """Views of a list of matrices of one dtype (see by_dtype for mixed lists)."""
     v = Views(DTYPE_CODE[Ws[0].dtype] if Ws else 0)
     for W in Ws:
+        if W.dtype != Ws[0].dtype:
+            raise ValueError(f"specfast: list_views needs one dtype, got {Ws[0].dtype} and {W.dtype}")
         _add_stack(v, W)
     return v
+
+
+def by_dtype(Ws, run):
+    """Apply `run(indices)` to each same-dtype group of Ws and put the results back in order.
+
+    `run` returns a tuple whose items are tensors with a leading per-matrix dim or lists with one
+    entry per matrix; the merged tuple has the same structure over all of Ws.
+    """
+    groups: dict = {}
+    for i, W in enumerate(Ws):
+        groups.setdefault(W.dtype, []).append(i)
+    if len(groups) <= 1:
+        return run(list(range(len(Ws))))
+    parts = [(idx, run(idx)) for idx in groups.values()]
+    first = parts[0][1]
+    merged = []
+    for j, item in enumerate(first):
+        if isinstance(item, Tensor):
+            out = item.new_empty((len(Ws), *item.shape[1:]))
+            for idx, res in parts:
+                out[torch.tensor(idx)] = res[j]
+        else:
+            out = [None] * len(Ws)
+            for idx, res in parts:
+                for i, x in zip(idx, res[j]):
+                    out[i] = x
+        merged.append(out)
+    return tuple(merged)
 
 
 
@@ -173,9 +204,14 @@ if _C is not None:
     def _(Ws, Xs):
         if not Ws:
             return []
-        views = list_views(list(Ws))
-        Ys = _gram_native(views, [x.to(torch.float64) for x in Xs], [W.shape[-1] for W in Ws])
-        return [y.to(x.dtype) for y, x in zip(Ys, Xs)]
+        def run(idx):
+            sub = [Ws[i] for i in idx]
+            views = list_views(sub)
+            xs = [Xs[i] for i in idx]
+            Ys = _gram_native(views, [x.to(torch.float64) for x in xs], [W.shape[-1] for W in sub])
+            return ([y.to(x.dtype).contiguous() for y, x in zip(Ys, xs)],)
+
+        return by_dtype(list(Ws), run)[0]
 
 
 # -------------------------------------------------------------------------------- krylov_svd
@@ -295,8 +331,8 @@ if _C is not None:
 
     @krylov_svd_grouped_op.register_kernel("cpu")
     def _(Ws, k, block, max_basis, max_iter, tol, largest, want_vectors, seed):
-        views = list_views(list(Ws))
-        return _krylov_native(views, k, block, max_basis, max_iter, tol, largest, want_vectors, seed)
+        return by_dtype(list(Ws), lambda idx: _krylov_native(
+            list_views([Ws[i] for i in idx]), k, block, max_basis, max_iter, tol, largest, want_vectors, seed))
 
 
 # Autograd: dσ_i/dW = u_i v_iᵀ. Bounds, counters and singular vectors are not differentiable.
@@ -395,20 +431,24 @@ if _C is not None:
 
     @frobenius_scan_grouped_op.register_kernel("cpu")
     def _(Ws):
-        G = len(Ws)
-        fro = torch.zeros(G, dtype=torch.float64)
-        bad = torch.zeros(G, dtype=torch.int64)
-        nonempty = [W for W in Ws if W.numel()]
-        idx = [i for i, W in enumerate(Ws) if W.numel()]
-        if nonempty:
-            views = list_views(nonempty)
-            f2 = torch.zeros(len(idx), dtype=torch.float64)
-            b2 = torch.zeros(len(idx), dtype=torch.int64)
-            _C.frobenius_scan(views.ptrs, views.dtype_code, views.rows, views.cols,
-                              views.row_strides, f2.data_ptr(), b2.data_ptr(), num_threads())
-            fro[idx] = f2
-            bad[idx] = b2
-        return fro, bad
+        def run(ids):
+            sub = [Ws[i] for i in ids]
+            fro = torch.zeros(len(sub), dtype=torch.float64)
+            bad = torch.zeros(len(sub), dtype=torch.int64)
+            idx = [i for i, W in enumerate(sub) if W.numel()]
+            if idx:
+                views = list_views([sub[i] for i in idx])
+                f2 = torch.zeros(len(idx), dtype=torch.float64)
+                b2 = torch.zeros(len(idx), dtype=torch.int64)
+                _C.frobenius_scan(views.ptrs, views.dtype_code, views.rows, views.cols,
+                                  views.row_strides, f2.data_ptr(), b2.data_ptr(), num_threads())
+                fro[idx] = f2
+                bad[idx] = b2
+            return fro, bad
+
+        if not Ws:
+            return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.int64)
+        return by_dtype(list(Ws), run)
 
 
 # ---------------------------------------------------------------------------------- slq_gram
@@ -475,7 +515,8 @@ if _C is not None:
 
     @slq_gram_grouped_op.register_kernel("cpu")
     def _(Ws, nprobe, steps, seed):
-        return _slq_native(list_views(list(Ws)), nprobe, steps, seed)
+        return by_dtype(list(Ws), lambda idx: _slq_native(list_views([Ws[i] for i in idx]), nprobe,
+                                                                   steps, seed))
 
 
 ALL_OPS = {

@@ -54,6 +54,10 @@ namespace {
 // a Krylov run that would need about as many products anyway (measured on 1000 x 16 x 16).
 constexpr int64_t kDenseDim = 32;
 
+// A neighbouring Ritz value counts as resolved when its residual is below this fraction of its
+// separation from the value being certified (see lambda_bound).
+constexpr double kResolved = 0.05;
+
 double dot(const double* a, const double* b, int64_t n) {
   double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
   int64_t i = 0;
@@ -224,15 +228,21 @@ struct Solver {
   // Eigenvalue error bound for Ritz pair i among np, given residuals rr (first-order) and the
   // neighbouring Ritz values; plus a rounding floor.
   double lambda_bound(int64_t i, int64_t np, const double* th, const double* rr, double floor_) const {
+    // Kato-Temple needs the distance from theta_i to every other eigenvalue. A neighbouring Ritz
+    // value only stands for "its" eigenvalue once it is resolved (its own residual is a small
+    // fraction of the separation); before that an eigenvalue may still hide between them, so the
+    // bound stays first-order. Beyond the last Ritz value nothing is known unless the basis spans
+    // the whole space.
     const double r = rr[i];
     double gap = INFINITY;
-    if (i > 0) gap = std::min(gap, std::fabs(th[i - 1] - th[i]) - rr[i - 1]);
-    if (i + 1 < np) gap = std::min(gap, std::fabs(th[i] - th[i + 1]) - rr[i + 1]);
-    if (np >= dim) {
-      // the basis spans the whole space: the remaining spectrum is exactly the Ritz values
-    } else if (i + 1 >= np) {
-      gap = 0;  // nothing known beyond the last Ritz value
-    }
+    auto neighbour = [&](int64_t j) {
+      const double sep = std::fabs(th[i] - th[j]);
+      if (rr[j] <= kResolved * sep) gap = std::min(gap, sep - rr[j]);
+      else gap = 0;
+    };
+    if (i > 0) neighbour(i - 1);
+    if (i + 1 < np) neighbour(i + 1);
+    else if (np < dim) gap = 0;
     double e = r;
     if (gap > 0 && std::isfinite(gap)) e = std::min(e, r * r / gap);
     return e + floor_;  // rounding floor of the float64 Gram products, never squared away
@@ -409,6 +419,23 @@ struct Solver {
     finalize(dim);
   }
 
+  // The residual bound assumes each Ritz value approximates "its" eigenvalue, which an
+  // unconverged run has not shown. Fall back to what Rayleigh-Ritz guarantees regardless:
+  // Cauchy interlacing puts the i-th largest Ritz value below the i-th largest eigenvalue (and the
+  // i-th smallest above the i-th smallest), and sigma_i <= sigma_1 <= ||W||_F (one extra pass,
+  // paid only by unconverged results). Largest: sigma_i in [s_i, ||W||_F]; smallest: [0, s_i].
+  void widen_unconverged(int64_t kk, const double* sig) {
+    if (p.largest) {
+      double fro2 = 0;
+      int64_t bad = 0;
+      frobenius_scan(&W, 1, &fro2, &bad, threads);
+      const double upper = std::sqrt(fro2);
+      for (int64_t i = 0; i < kk; ++i) out.bound[i] = std::max(out.bound[i], upper - sig[i]);
+    } else {
+      for (int64_t i = 0; i < kk; ++i) out.bound[i] = std::max(out.bound[i], sig[i]);
+    }
+  }
+
   // Ritz vectors of the k wanted pairs, an explicit residual check (one more block product) and
   // the certificate; singular vectors on request.
   void finalize(int64_t np) {
@@ -454,6 +481,7 @@ struct Solver {
     }
     for (int64_t i = kk; i < p.k; ++i) { out.sigma[i] = NAN; out.bound[i] = INFINITY; }
     *out.converged = conv ? 1 : 0;
+    if (!conv && ok) widen_unconverged(kk, sig.data());
     if (p.want_vectors) {
       double* Vs = side == GramSide::Right ? out.V : out.U;   // the Krylov side
       double* Os = side == GramSide::Right ? out.U : out.V;   // the other side

@@ -21,8 +21,8 @@ void gram_apply(const MatrixView& W, GramSide side, int64_t nvec, const double* 
                 double* Y, int64_t ldy, double* WX, int64_t ldwx, int num_threads);
 
 // Many matrices in one call: parallel over matrices when there are enough of them, otherwise
-// parallel inside each product. Results do not depend on num_threads (fixed row tiles, fixed
-// reduction order).
+// parallel inside each product. A given num_threads always gives the same bits; different counts
+// differ by float64 rounding only (the row chunks, hence the summation order, follow the count).
 void gram_apply_grouped(const MatrixView* mats, const GramSide* sides, int64_t count, int64_t nvec,
                         const double* const* X, const int64_t* ldx, double* const* Y,
                         const int64_t* ldy, int num_threads);
