@@ -50,26 +50,29 @@ class Views:
     keepalive: list = field(default_factory=list)   # tensors that own the memory
 
 
+def _row_stride(rows: int, cols: int, s_row: int, s_col: int):
+    """The row stride if a rows x cols matrix with these strides is row-major with contiguous rows
+    (strides of size-1 dimensions do not matter), else None."""
+    if cols > 1 and s_col != 1:
+        return None
+    if rows == 1:
+        return max(cols, 1)
+    return s_row if s_row >= cols else None
+
+
 def _layout(W: Tensor):
-    """(tensor to view, transposed?) for a [*b, m, n] tensor, copying only if neither the last nor
-    the second-to-last dimension is contiguous (e.g. a column-strided slice)."""
+    """(tensor to view, transposed?, row stride) for a [*b, m, n] tensor. A column-major matrix is
+    viewed as its row-major transpose; only when neither the last nor the second-to-last dimension
+    is contiguous (e.g. a column-strided slice) is a copy made."""
     m, n = W.shape[-2:]
     sm, sn = W.stride(-2), W.stride(-1)
-    if n == 1:
-        sn = 1
-    if m == 1:
-        sm = max(n, 1)
-    if sn == 1 and sm >= n:
-        return W, False, sm
-    sm_t, sn_t = W.stride(-2), W.stride(-1)
-    if m == 1:
-        sm_t = 1
-    if n == 1:
-        sn_t = max(m, 1)
-    if sm_t == 1 and sn_t >= m:
-        return W, True, sn_t
-    Wc = W.contiguous()
-    return Wc, False, max(n, 1)
+    rs = _row_stride(m, n, sm, sn)
+    if rs is not None:
+        return W, False, rs
+    rs = _row_stride(n, m, sn, sm)
+    if rs is not None:
+        return W, True, rs
+    return W.contiguous(), False, max(n, 1)
 
 
 def _add_stack(v: Views, W: Tensor) -> None:

@@ -212,6 +212,20 @@ struct Solver {
     return true;
   }
 
+  // Z[i] = Q[0:np] S[:, i] for the first `count` Ritz pairs (each basis vector read once).
+  void ritz_vectors(int64_t np, int64_t count, std::vector<double>& Z) const {
+    Z.assign(size_t(count) * dim, 0.0);
+    for (int64_t j = 0; j < np; ++j) {
+      const double* q = Q.data() + j * dim;
+      for (int64_t i = 0; i < count; ++i) {
+        const double s = S[j * np + i];
+        double* z = Z.data() + i * dim;
+#pragma omp simd
+        for (int64_t t = 0; t < dim; ++t) z[t] += s * q[t];
+      }
+    }
+  }
+
   // Residual norms of all Ritz pairs from the Lanczos relation: ||R S[last rows, i]||.
   void ritz_residuals(int64_t np, int64_t last0, int64_t blk) {
     for (int64_t i = 0; i < np; ++i) {
@@ -359,16 +373,8 @@ struct Solver {
       }
       int64_t keep = k + (maxb - k - b) / 2;
       keep = std::max<int64_t>(k, std::min<int64_t>({keep, np - 1, maxb - nb}));
-      std::vector<double> Z(size_t(keep) * dim, 0.0);
-      for (int64_t i = 0; i < keep; ++i) {
-        double* z = Z.data() + i * dim;
-        for (int64_t j = 0; j < np; ++j) {
-          const double s = S[j * np + i];
-          const double* q = Q.data() + j * dim;
-#pragma omp simd
-          for (int64_t t = 0; t < dim; ++t) z[t] += s * q[t];
-        }
-      }
+      std::vector<double> Z;
+      ritz_vectors(np, keep, Z);
       std::memcpy(Q.data(), Z.data(), sizeof(double) * keep * dim);
       std::memcpy(Q.data() + keep * dim, Xn.data(), sizeof(double) * nb * dim);
       std::fill(T.begin(), T.end(), 0.0);
@@ -441,15 +447,10 @@ struct Solver {
   void finalize(int64_t np) {
     const int64_t m = W.rows, n = W.cols;
     const int64_t kk = std::min(k, np);
-    std::vector<double> Z(size_t(kk) * dim, 0.0), AZ(size_t(kk) * dim), WZ;
+    std::vector<double> Z, AZ(size_t(kk) * dim), WZ;
+    ritz_vectors(np, kk, Z);
     for (int64_t i = 0; i < kk; ++i) {
       double* z = Z.data() + i * dim;
-      for (int64_t j = 0; j < np; ++j) {
-        const double s = S[j * np + i];
-        const double* q = Q.data() + j * dim;
-#pragma omp simd
-        for (int64_t t = 0; t < dim; ++t) z[t] += s * q[t];
-      }
       const double nz = nrm2(z, dim);
       for (int64_t t = 0; t < dim; ++t) z[t] /= nz;
     }
