@@ -1,0 +1,42 @@
+"""The core benchmark keeps working: ``benchmarks/bench_core.py --smoke`` runs end to end.
+
+It runs as a subprocess from a temporary directory, so ``import specfast`` resolves to the installed
+package (with its compiled module) and not to the source tree. Every benchmark row checks its result
+against a float64 reference before timing it, so this also catches a wrong result in any timed path.
+Goals are not asserted here (smoke sizes are far too small for timings to mean anything).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(REPO, "benchmarks", "bench_core.py")
+
+pytest.importorskip("scipy", reason="the benchmark's ARPACK baseline needs scipy")
+
+
+def test_bench_core_smoke(tmp_path):
+    out = tmp_path / "core_smoke.jsonl"
+    proc = subprocess.run(
+        [sys.executable, BENCH, "--smoke", "--out", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"bench_core.py --smoke exited {proc.returncode}:\n{log[-4000:]}"
+    # the table and its rows for each op were printed
+    assert "time (median)" in proc.stdout and "% read BW" in proc.stdout, log[-4000:]
+    for op in ("gram_matvec", "spectral_norm", "top16"):
+        assert f"\n{op}" in proc.stdout, f"no {op} rows in the table:\n{log[-4000:]}"
+    assert "specfast.spectral_norm" in proc.stdout and "scipy svds" in proc.stdout
+    assert "goals:" in proc.stdout
+    # JSON lines were written, each with the machine record
+    import json
+
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    rows = [r for r in lines if "op" in r]
+    assert rows and all("machine" in r and r["machine"]["specfast_build_info"]["native"] for r in rows)
+    assert {r["op"] for r in rows} == {"gram_matvec", "spectral_norm", "top16"}
