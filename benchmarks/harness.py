@@ -322,7 +322,8 @@ def measure(fn: Callable[[], Any], *, device: str = "cpu", warmup: int = 1, repe
 def measure_interleaved(fns: Sequence[Callable[[], Any]], *, device: str = "cpu", repeat: int = 10,
                         min_repeat: int = 3, budget_s: float = 5.0,
                         first_results: Sequence[tuple[Any, float] | None] | None = None,
-                        single_if_slower_than: float | None = None) -> list[Timing]:
+                        single_if_slower_than: float | None = None,
+                        settle_s: float = 0.15) -> list[Timing]:
     """Time several callables that are to be compared, in interleaved rounds (each round runs every
     callable once, alternating the order), so that a change of machine load during the measurement
     hits all of them alike instead of biasing their ratio. Stops after ``repeat`` rounds, or once
@@ -331,6 +332,12 @@ def measure_interleaved(fns: Sequence[Callable[[], Any]], *, device: str = "cpu"
     ``first_results[i] = (result, seconds)``: a checked call already made (it is the warm-up). A
     callable whose first call took longer than ``single_if_slower_than`` keeps that call as its only
     sample and is left out of the rounds (a full SVD that takes a minute).
+
+    ``settle_s``: pause before each timed call on the CPU. BLAS libraries keep their worker threads
+    spinning after a call (OpenBLAS for ~0.1 s), which on a 2-core machine halves the speed of
+    whatever runs next; without the pause, interleaving would charge one library's spin to the
+    next method (measured: specfast's spectral_norm on 4096x4096 took a 61 ms median right after
+    scipy calls versus 26 ms on its own).
     """
     n = len(fns)
     first_results = list(first_results) if first_results is not None else [None] * n
@@ -351,6 +358,8 @@ def measure_interleaved(fns: Sequence[Callable[[], Any]], *, device: str = "cpu"
     while active and rounds < repeat:
         order = active if rounds % 2 == 0 else active[::-1]
         for i in order:
+            if settle_s and device == "cpu":
+                time.sleep(settle_s)
             _, dt = time_once(fns[i], device)
             samples[i].append(dt)
         rounds += 1

@@ -442,7 +442,8 @@ def _svdvals_exact(fn, inp: _Input, out_dtype, return_info, nonfinite):
         else:
             finite = torch.ones(batch, dtype=torch.bool, device=wd.device)
             safe = wd
-        s = torch.linalg.svdvals(safe)
+        # LAPACK is several times faster on the tall orientation (same singular values)
+        s = torch.linalg.svdvals(safe.mT if safe.shape[-2] < safe.shape[-1] else safe)
         s = torch.where(finite[..., None], s, torch.full_like(s, float("nan")))
         smax = s[..., :1] if s.shape[-1] else s
         b = (4 * eps * math.sqrt(max(w.shape[-1], w.shape[-2], 1)) * smax).expand_as(s)
@@ -713,7 +714,8 @@ def _entropy_one(fn, W: Tensor, method, num_probes, steps, exact_max_dim, seed, 
     Wc = torch.where(ok, W, torch.zeros_like(W)) if not bool((status == 0).all()) else W
     use_exact = method == "exact" or (method == "auto" and min(m, n) <= exact_max_dim)
     if use_exact:
-        s = torch.linalg.svdvals(Wc.detach().to(torch.float64))
+        Wd = Wc.detach().to(torch.float64)
+        s = torch.linalg.svdvals(Wd.mT if m < n else Wd)  # the tall orientation is faster in LAPACK
         smax = s[..., :1].clamp_min(1e-300)
         lam = (s / smax).square()  # scale-free: no overflow for huge float64 entries
         tot = lam.sum(-1, keepdim=True)
