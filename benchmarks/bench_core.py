@@ -266,7 +266,7 @@ def run_row(*, op, wl, dtype_name, method, role, fn, check_fn, nbytes_per_pass, 
 
 
 def time_rows(rows: list[dict]):
-    """Time a group's methods in interleaved rounds (harness.measure_interleaved) and fill in the
+    """Time a group's methods (harness.measure_interleaved, in consecutive blocks) and fill in the
     timing, GB/s and % of read bandwidth. Rows whose first call was slow keep it as their one sample."""
     slow = [r for r in rows if r["_first"][1] > r["_slow"]]
     fast = [r for r in rows if r not in slow]

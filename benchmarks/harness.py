@@ -323,7 +323,7 @@ def measure_interleaved(fns: Sequence[Callable[[], Any]], *, device: str = "cpu"
                         min_repeat: int = 3, budget_s: float = 5.0,
                         first_results: Sequence[tuple[Any, float] | None] | None = None,
                         single_if_slower_than: float | None = None,
-                        settle_s: float = 0.15) -> list[Timing]:
+                        interleave: bool = False) -> list[Timing]:
     """Time several callables that are to be compared, in interleaved rounds (each round runs every
     callable once, alternating the order), so that a change of machine load during the measurement
     hits all of them alike instead of biasing their ratio. Stops after ``repeat`` rounds, or once
@@ -333,11 +333,14 @@ def measure_interleaved(fns: Sequence[Callable[[], Any]], *, device: str = "cpu"
     callable whose first call took longer than ``single_if_slower_than`` keeps that call as its only
     sample and is left out of the rounds (a full SVD that takes a minute).
 
-    ``settle_s``: pause before each timed call on the CPU. BLAS libraries keep their worker threads
-    spinning after a call (OpenBLAS for ~0.1 s), which on a 2-core machine halves the speed of
-    whatever runs next; without the pause, interleaving would charge one library's spin to the
-    next method (measured: specfast's spectral_norm on 4096x4096 took a 61 ms median right after
-    scipy calls versus 26 ms on its own).
+    ``interleave=False`` (default): each callable is timed in its own block of consecutive runs,
+    after one untimed call. BLAS libraries keep their worker threads spinning after a call
+    (OpenBLAS for ~0.1 s), which on a 2-core machine halves the speed of whatever runs next, so
+    alternating rounds charge one library's spin to the next method (measured: specfast's
+    spectral_norm on 4096x4096 took a 61 ms median right after scipy calls versus 26 ms on its own).
+    A pause between calls is no cure either: after 150 ms idle, a 2 ms product took 13 ms on this
+    VM, for torch and specfast alike. ``interleave=True`` keeps the alternating rounds, for a
+    machine whose load drifts during the run.
     """
     n = len(fns)
     first_results = list(first_results) if first_results is not None else [None] * n
@@ -353,13 +356,22 @@ def measure_interleaved(fns: Sequence[Callable[[], Any]], *, device: str = "cpu"
             time_once(fn, device)  # warm-up
         active.append(i)
     samples: dict[int, list[float]] = {i: [] for i in active}
+    if not interleave:
+        for i in active:
+            time_once(fns[i], device)  # absorbs the previous method's spinning threads
+            t_start = time.perf_counter()
+            while len(samples[i]) < repeat:
+                samples[i].append(time_once(fns[i], device)[1])
+                if len(samples[i]) >= min_repeat and time.perf_counter() - t_start > budget_s:
+                    break
+        for i in active:
+            timings[i] = Timing(samples[i], warmup=2, device=device)
+        return timings  # type: ignore[return-value]
     t_start = time.perf_counter()
     rounds = 0
     while active and rounds < repeat:
         order = active if rounds % 2 == 0 else active[::-1]
         for i in order:
-            if settle_s and device == "cpu":
-                time.sleep(settle_s)
             _, dt = time_once(fns[i], device)
             samples[i].append(dt)
         rounds += 1
