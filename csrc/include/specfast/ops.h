@@ -1,7 +1,7 @@
 // Torch-free CPU entry points. Everything here works on MatrixView arrays, so a single matrix,
 // a strided [E, m, n] stack and a ragged list of different shapes all go through one code path.
-// Vectors are float64 on the CPU: the kernels are memory-bound, so fp64 arithmetic costs nothing
-// measurable and removes accumulation error from every certificate (see docs/design.md).
+// Vectors are float64 on the CPU: float64 accumulation removes accumulation error from every
+// certificate; its cost is small when W streams from DRAM (see docs/design.md for the numbers).
 #pragma once
 #include <cstdint>
 #include <vector>
