@@ -12,7 +12,9 @@
 //   portable baseline; the widest one the CPU supports is picked once at first use.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #ifdef _OPENMP
@@ -71,16 +73,26 @@ namespace isa_avx512 {
 
 enum class Isa { Generic, Avx2, Avx512 };
 
+// The widest instruction set this CPU supports, capped by SPECFAST_CPU_ISA=portable|avx2|avx512
+// when set (read once, at first use): the tests run every path on one machine this way.
 Isa detect_isa() {
+  Isa best = Isa::Generic;
 #ifdef SPECFAST_X86
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-    return Isa::Avx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-    return Isa::Avx2;
+    best = Isa::Avx512;
+  else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c"))
+    best = Isa::Avx2;
 #endif
-  return Isa::Generic;
+  const char* cap = std::getenv("SPECFAST_CPU_ISA");
+  if (cap != nullptr) {
+    const std::string c(cap);
+    if (c == "portable") return Isa::Generic;
+    if (c == "avx2" && best == Isa::Avx512) return Isa::Avx2;
+  }
+  return best;
 }
 
 Isa active_isa() {
