@@ -297,22 +297,13 @@ struct Solver {
     *out.converged = 0;
     *out.status = kOk;
     if (k <= 0) { *out.converged = 1; return; }
-    b = std::max<int64_t>(1, std::min(p.block, dim));
-    maxb = std::min<int64_t>(dim, std::max<int64_t>(p.max_basis, k + 2 * b + 2));
-    Q.assign(size_t(maxb) * dim, 0.0);
-    AY.assign(size_t(b) * dim, 0.0);
-    Xn.assign(size_t(b) * dim, 0.0);
-    R.assign(size_t(b) * b, 0.0);
-    T.assign(size_t(maxb) * maxb, 0.0);
-    Tw.assign(size_t(maxb) * maxb, 0.0);
-    S.assign(size_t(maxb) * maxb, 0.0);
-    theta.assign(maxb, 0.0);
-    res.assign(maxb, 0.0);
-
     if (dim <= kDenseDim) {  // tiny Gram operator: form it and solve it exactly
+      allocate(dim, dim);
       dense_path();
       return;
     }
+    const int64_t blk0 = std::max<int64_t>(1, std::min(p.block, dim));
+    allocate(std::min<int64_t>(dim, std::max<int64_t>(p.max_basis, k + 2 * blk0 + 2)), blk0);
     // Start block: counter-based random vectors, orthonormalised.
     int64_t jdim = 0;
     for (int64_t c = 0; c < b; ++c) {
@@ -399,18 +390,25 @@ struct Solver {
     finalize(np);
   }
 
+  // Workspace for a basis of `basis` vectors grown `block` vectors at a time.
+  void allocate(int64_t basis, int64_t block) {
+    maxb = basis;
+    b = block;
+    Q.assign(size_t(maxb) * dim, 0.0);
+    AY.assign(size_t(b) * dim, 0.0);
+    Xn.assign(size_t(b) * dim, 0.0);
+    R.assign(size_t(b) * b, 0.0);
+    T.assign(size_t(maxb) * maxb, 0.0);
+    Tw.assign(size_t(maxb) * maxb, 0.0);
+    S.assign(size_t(maxb) * maxb, 0.0);
+    theta.assign(maxb, 0.0);
+    res.assign(maxb, 0.0);
+  }
+
   // dim <= kDenseDim: A = Q^T A Q with Q = I, built with one block product of width dim; its
   // eigenpairs are exact up to rounding, and finalize() certifies them like any Ritz pair.
   void dense_path() {
-    maxb = dim;
-    Q.assign(size_t(dim) * dim, 0.0);
     for (int64_t i = 0; i < dim; ++i) Q[i * dim + i] = 1.0;
-    AY.assign(size_t(dim) * dim, 0.0);
-    T.assign(size_t(dim) * dim, 0.0);
-    Tw.assign(size_t(dim) * dim, 0.0);
-    S.assign(size_t(dim) * dim, 0.0);
-    theta.assign(dim, 0.0);
-    res.assign(dim, 0.0);
     apply(dim, Q.data(), AY.data(), nullptr, 0);
     iters = 1;
     *out.iters = iters;
