@@ -261,9 +261,6 @@ def _krylov_native(views: Views, k: int, block: int, max_basis: int, max_iter: i
     return S, bound, iters, conv, status, Us, Vs
 
 
-_KRYLOV_ARGS = "k, block, max_basis, max_iter, tol, largest, want_vectors, seed"
-
-
 @torch.library.custom_op("specfast::krylov_svd", mutates_args=())
 def krylov_svd_op(W: Tensor, k: int, block: int, max_basis: int, max_iter: int, tol: float,
                   largest: bool, want_vectors: bool, seed: int

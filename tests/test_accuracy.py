@@ -336,7 +336,7 @@ def test_empty(shape):
 def test_batch_mixing_extreme_scales_fp32():
     """One stack, matrices scaled by 1e-30 ... 1e30 (fp32): each gets its own relative accuracy."""
     scales = [1e-30, 1e-20, 1.0, 1e20, 1e30, 1e-30]
-    mats, truths = [], []
+    mats = []
     for i, c in enumerate(scales):
         W, s = known_spectrum(60, 45, SPECTRA["geom"](45) * c, torch.float64, seed=30 + i)
         mats.append(W)

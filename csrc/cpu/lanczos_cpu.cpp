@@ -318,7 +318,7 @@ struct Solver {
     processed = 0;
     double scale = 0;             // running estimate of ||A|| for breakdown tests
     double work_since_check = 0;  // flops since the last Ritz check
-    const double flops_per_vec = 4.0 * double(m) * double(n) * (side == GramSide::Left ? 1.0 : 1.0);
+    const double flops_per_vec = 4.0 * double(m) * double(n);  // one Gram product, either side
     bool have_ritz = false;
     int64_t np = 0;
 
@@ -347,9 +347,7 @@ struct Solver {
         const double floor_ = 8.0 * DBL_EPSILON * std::sqrt(double(dim)) * std::max(std::fabs(theta[0]), std::fabs(theta[np - 1]));
         if (exhausted || converged_all(np, floor_) || iters >= p.max_iter) break;
       }
-      if (exhausted) {  // cannot happen with nb == 0 unless the space is spanned; checked above
-        break;
-      }
+      if (exhausted) break;  // no new direction: the basis spans the space (np >= k was checked above)
       if (room) {
         std::memcpy(Q.data() + jdim * dim, Xn.data(), sizeof(double) * nb * dim);
         for (int64_t r = 0; r < nb; ++r)
