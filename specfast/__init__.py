@@ -21,10 +21,12 @@ from .linalg import (
     svdvals,
 )
 
+from .auditor import audit, compare  # noqa: E402
+
 __version__ = "0.1.0"
 
 __all__ = [
     "build_info", "gram_matvec", "spectral_norm", "svdvals", "svd_lowrank", "stable_rank",
     "spectral_entropy", "effective_rank", "condition_number", "frobenius_norm_sq",
-    "SpectralInfo", "EntropyInfo", "ConditionInfo",
+    "SpectralInfo", "EntropyInfo", "ConditionInfo", "audit", "compare",
 ]

@@ -5,6 +5,8 @@ import argparse
 import os
 import platform
 import sys
+import time
+from pathlib import Path
 
 
 def _cpu_model() -> str:
@@ -51,15 +53,124 @@ def info_lines() -> list[str]:
     return lines
 
 
+def _add_audit_options(p: argparse.ArgumentParser, compare: bool = False):
+    from .auditor import ALL_METRICS, DEFAULT_METRICS
+
+    p.add_argument("--out", metavar="DIR", help="results directory (rows are appended as each group "
+                   "finishes; default: ./specfast-audit/<model name>)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted audit in --out")
+    p.add_argument("--overwrite", action="store_true", help="discard earlier results in --out")
+    p.add_argument("--max-memory", default="4GiB", metavar="SIZE",
+                   help="budget for tensors in flight, e.g. 4GiB, 512MiB (default 4GiB)")
+    p.add_argument("--metrics", default=",".join(m for m in DEFAULT_METRICS if not (compare and m == "heads")),
+                   help=f"comma-separated subset of {','.join(ALL_METRICS)} (alpha implies --spectrum full)")
+    p.add_argument("--topk", type=int, default=5, help="singular values per matrix (default 5)")
+    p.add_argument("--tol", type=float, default=1e-5, help="relative accuracy of σ (default 1e-5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="load .bin/.pt checkpoints with torch.load(weights_only=True) (refused otherwise)")
+    p.add_argument("--format", default="parquet,csv,json", help="output formats (parquet, csv, json)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    if not compare:
+        p.add_argument("--device", default="cpu", help="cpu or cuda")
+        p.add_argument("--spectrum", default="krylov", choices=("krylov", "full"),
+                       help="krylov: certified top-k (fast); full: every eigenvalue (WeightWatcher alpha)")
+        p.add_argument("--base", metavar="MODEL", help="for a PEFT adapter: the base model, for relative changes")
+
+
+def _default_out(path) -> Path:
+    name = Path(str(path)).name or "model"
+    return Path("specfast-audit") / name
+
+
+def _print_summary(res, out_dir, seconds):
+    df, summary = res
+    counts = summary.get("status_counts", {})
+    print(f"\n{summary['source']}: {summary['tensors']} tensors -> {len(df)} rows "
+          + ", ".join(f"{v} {k}" for k, v in counts.items()) + f" in {seconds:.1f} s")
+    a = df[df.status == "audited"] if len(df) else df
+    if len(a) and "sigma_1" in a:
+        g = a.groupby("role").agg(count=("name", "size"), sigma_1_median=("sigma_1", "median"),
+                                 sigma_1_max=("sigma_1", "max"), stable_rank_median=("stable_rank", "median"))
+        if "spectral_entropy" in a:
+            g["entropy_median"] = a.groupby("role").spectral_entropy.median()
+        if "alpha" in a:
+            g["alpha_median"] = a.groupby("role").alpha.median()
+        print(g.to_string(float_format=lambda x: f"{x:.4g}"))
+    lip = summary.get("lipschitz") or {}
+    if lip.get("bound") is not None:
+        print(f"\nLipschitz upper bound: {lip['bound']:.4g} ({lip['kind']})")
+        for d in summary.get("dominant_matrices", [])[:5]:
+            print(f"  {d['share'] * 100:5.1f}%  {d['name']}")
+    if summary.get("outlier_experts"):
+        print("\noutlier experts (robust z > 3.5 on log σ₁ or log stable rank):")
+        for k, v in summary["outlier_experts"].items():
+            print(f"  {k}: {v}")
+    bad = df[df.status.isin(["error", "nonfinite"])] if len(df) else df
+    for r in bad.head(20).itertuples():
+        print(f"  {r.status}: {r.name}: {r.reason}")
+    if summary.get("unconverged"):
+        print(f"  {summary['unconverged']} matrices did not reach the requested tolerance (see sigma_1_error)")
+    print(f"\nresults in {out_dir}/ (audit.csv, audit.parquet, heads.csv, layers.csv, experts.csv, summary.json)")
+
+
+def _run_audit(args) -> int:
+    from . import auditor as audit_mod
+
+    path = args.path
+    if path is None:
+        path = audit_mod.default_model_path()
+        print(f"auditing the built-in default model all-MiniLM-L6-v2 ({path})", file=sys.stderr)
+    out = Path(args.out) if args.out else (_default_out(path) if args.path else Path("specfast-audit/all-MiniLM-L6-v2"))
+    t0 = time.perf_counter()
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    progress = not args.no_progress and sys.stderr.isatty()
+    if args.command == "compare":
+        res = audit_mod.compare(args.base_model, args.path, out_dir=out, resume=args.resume,
+                                overwrite=args.overwrite, metrics=metrics, topk=args.topk, tol=args.tol,
+                                max_memory=args.max_memory, seed=args.seed, allow_pickle=args.allow_pickle,
+                                progress=progress)
+    else:
+        res = audit_mod.audit(path, out_dir=out, resume=args.resume, overwrite=args.overwrite, metrics=metrics,
+                              topk=args.topk, tol=args.tol, spectrum=args.spectrum, max_memory=args.max_memory,
+                              device=args.device, seed=args.seed, allow_pickle=args.allow_pickle,
+                              base=args.base, progress=progress)
+    fmts = {f.strip() for f in args.format.split(",")}
+    if "json" in fmts:
+        res.df.to_json(out / "audit.json", orient="records", indent=1, default_handler=str)
+    for f in ("parquet", "csv"):
+        if f not in fmts:
+            (out / f"audit.{f}").unlink(missing_ok=True)
+    _print_summary(res, out, time.perf_counter() - t0)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="specfast", description="Fast, certified spectral linear "
                                      "algebra on neural-network weights.")
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("info", help="build and runtime facts, and the backend of every op")
+    pa = sub.add_parser("audit", help="spectral health of every matrix of a checkpoint or model directory")
+    pa.add_argument("path", nargs="?", help="a .safetensors file, a Hugging Face model directory, a PEFT "
+                    "adapter directory or (with --allow-pickle) a .bin/.pt file; default: the built-in "
+                    "all-MiniLM-L6-v2")
+    _add_audit_options(pa)
+    pc = sub.add_parser("compare", help="spectrum of W_tuned − W_base for every matrix of two checkpoints")
+    pc.add_argument("base_model", metavar="BASE")
+    pc.add_argument("path", metavar="TUNED")
+    _add_audit_options(pc, compare=True)
     args = parser.parse_args(argv)
     if args.command in (None, "info"):
         print("\n".join(info_lines()))
         return 0
+    if args.command in ("audit", "compare"):
+        from .auditor import CheckpointError
+
+        try:
+            return _run_audit(args)
+        except (CheckpointError, FileExistsError, ValueError, TypeError) as e:
+            print(f"specfast {args.command}: error: {e}", file=sys.stderr)
+            return 2
     parser.print_help(sys.stderr)
     return 2
 
