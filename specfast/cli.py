@@ -65,7 +65,7 @@ def _add_audit_options(p: argparse.ArgumentParser, compare: bool = False):
     p.add_argument("--metrics", default=",".join(m for m in DEFAULT_METRICS if not (compare and m == "heads")),
                    help=f"comma-separated subset of {','.join(ALL_METRICS)} (alpha implies --spectrum full)")
     p.add_argument("--topk", type=int, default=5, help="singular values per matrix (default 5)")
-    p.add_argument("--tol", type=float, default=1e-5, help="relative accuracy of σ (default 1e-5)")
+    p.add_argument("--tol", type=float, default=1e-4, help="certified relative accuracy of σ (default 1e-4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--allow-pickle", action="store_true",
                    help="load .bin/.pt checkpoints with torch.load(weights_only=True) (refused otherwise)")

@@ -92,7 +92,7 @@ def default_model_path() -> Path:
 
 
 def audit(model, *, out_dir=None, resume: bool = False, overwrite: bool = False, metrics=None,
-          topk: int = 5, tol: float = 1e-5, spectrum: str = "krylov", max_memory="4GiB",
+          topk: int = 5, tol: float = 1e-4, spectrum: str = "krylov", max_memory="4GiB",
           device: str = "cpu", seed: int = 0, allow_pickle: bool = False, base=None,
           progress: bool = False) -> AuditResult:
     """Audit every tensor of ``model``: an ``nn.Module``, a ``.safetensors`` file, a Hugging Face

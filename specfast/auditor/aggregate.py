@@ -67,7 +67,8 @@ def lipschitz(df: pd.DataFrame, heads: pd.DataFrame, config: dict) -> dict:
 
     Transformers (attention roles present), per block l, in the per-token norm max_t ‖x_t‖₂:
         a_l = min(‖W_O‖₂ · sqrt(Σ_h ‖W_Vʰ‖₂²),  Σ_h ‖W_Oʰ‖₂‖W_Vʰ‖₂)        (attention, pattern frozen)
-        m_l = c·‖W_down‖₂‖W_up‖₂ (dense),  ρ·max_e m_l,e + m_l,shared (MoE)
+        m_l = c·‖W_down‖₂‖W_up‖₂ (dense; c = sup|φ'|, or 1 per unit gate for gated units),
+              ρ·max_e m_l,e + m_l,shared (MoE, routing weights frozen with Σ_e g_e ≤ ρ)
         L   = ‖W_head‖₂ · Π_l (1 + a_l)(1 + m_l)
     Otherwise the plain product Π ‖W‖₂ over the audited matrices in order. A matrix's share is its
     elasticity ∂log L/∂log‖W‖ (a/(1+a) for the factors of a residual term, 1 for a plain factor)
@@ -118,8 +119,11 @@ def lipschitz(df: pd.DataFrame, heads: pd.DataFrame, config: dict) -> dict:
                 factors.append(dict(layer=layer, part="attention", term=att))
             # ---- MLP, dense or MoE
             mlp, idx = None, []
+            # gated units (SwiGLU/GeGLU): the frozen gate diag(φ(W_G x)) is counted per unit of gate
+            # activation (factor 1); plain units: the activation's slope bound c
+            cg = 1.0 if ("mlp_gate" in by or "expert_gate" in by) else c
             if "mlp_down" in by and "mlp_up" in by:
-                mlp = c * float(by["mlp_down"].sigma_1.iloc[0]) * float(by["mlp_up"].sigma_1.iloc[0])
+                mlp = cg * float(by["mlp_down"].sigma_1.iloc[0]) * float(by["mlp_up"].sigma_1.iloc[0])
                 idx = [by["mlp_down"].index[0], by["mlp_up"].index[0]]
             elif "expert_down" in by and "expert_up" in by:
                 d = by["expert_down"].set_index("expert").sigma_1
@@ -127,11 +131,11 @@ def lipschitz(df: pd.DataFrame, heads: pd.DataFrame, config: dict) -> dict:
                 prod = (d * u).dropna()
                 if len(prod):
                     e = prod.idxmax()
-                    mlp = rho * c * float(prod.max())
+                    mlp = rho * cg * float(prod.max())
                     idx = [by["expert_down"].index[by["expert_down"].expert == e][0],
                            by["expert_up"].index[by["expert_up"].expert == e][0]]
                     if "shared_expert_down" in by and "shared_expert_up" in by:
-                        sh = c * float(by["shared_expert_down"].sigma_1.iloc[0]) * float(
+                        sh = cg * float(by["shared_expert_down"].sigma_1.iloc[0]) * float(
                             by["shared_expert_up"].sigma_1.iloc[0])
                         mlp += sh
                         idx += [by["shared_expert_down"].index[0], by["shared_expert_up"].index[0]]
@@ -141,7 +145,7 @@ def lipschitz(df: pd.DataFrame, heads: pd.DataFrame, config: dict) -> dict:
                     elastic[i] = mlp / (1 + mlp)
                 factors.append(dict(layer=layer, part="mlp", term=mlp))
         kind = ("residual transformer, frozen attention patterns and gates, normalisation layers as gates "
-                f"(activation slope c={c:g}, routed scaling ρ={rho:g})")
+                f"(activation slope c={c:g} for ungated MLPs, 1 per unit gate for gated ones, routed scaling ρ={rho:g})")
     tot = sum(elastic.values())
     for i, e in elastic.items():
         df.loc[i, "lipschitz_share"] = e / tot if tot > 0 else np.nan

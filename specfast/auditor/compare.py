@@ -19,7 +19,7 @@ from .. import linalg
 
 
 def compare_checkpoints(base, tuned, *, out_dir=None, resume=False, overwrite=False, metrics=None,
-                        topk: int = 5, tol: float = 1e-5, max_memory="4GiB", seed: int = 0,
+                        topk: int = 5, tol: float = 1e-4, max_memory="4GiB", seed: int = 0,
                         allow_pickle: bool = False, progress: bool = False):
     from . import DEFAULT_METRICS, _finish
 

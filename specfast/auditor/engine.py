@@ -47,13 +47,13 @@ def parse_memory(value) -> int:
 class AuditOptions:
     metrics: tuple = DEFAULT_METRICS
     topk: int = 5
-    tol: float = 1e-5
+    tol: float = 1e-4
     spectrum: str = "krylov"           # "krylov" or "full" (all eigenvalues; needed for alpha)
     max_memory: int = 4 * 2**30
     device: str = "cpu"
     seed: int = 0
-    entropy_probes: int = 8
-    entropy_steps: int = 32
+    entropy_probes: int = 4
+    entropy_steps: int = 24
     exact_max_dim: int = 256
     outlier_z: float = 3.5
 

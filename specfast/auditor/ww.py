@@ -57,11 +57,11 @@ def powerlaw_fit(evals: np.ndarray) -> dict:
         if i.size == 0:
             continue
         a = alphas[i][:, None]
-        ratio = logd[None, :] - logd[i][:, None]        # ln(x_j / x_i)
+        below = idx[None, :] < i[:, None]               # x_j < xmin: not part of this candidate's tail
+        ratio = np.where(below, 0.0, logd[None, :] - logd[i][:, None])   # ln(x_j / x_i) >= 0
         theo = 1 - np.exp((1 - a) * ratio)
         emp = (idx[None, :] - i[:, None]) / n[i][:, None]
-        diff = np.abs(theo - emp)
-        diff[idx[None, :] < i[:, None]] = 0.0
+        diff = np.where(below, 0.0, np.abs(theo - emp))
         Ds[i] = diff.max(1)
     best = int(np.argmin(Ds))
     alpha = float(alphas[best])
@@ -76,7 +76,7 @@ def spectrum_columns(evals: np.ndarray, shape) -> dict:
     lam = np.sort(np.asarray(evals, dtype=np.float64))[::-1]
     N = max(shape)
     sv = np.sqrt(lam)
-    tol = sv[0] * N * np.finfo(np.float32).eps if sv.size else 0.0
+    tol = sv[0] * N * np.finfo(np.float64).eps if sv.size else 0.0
     rank = int((sv > tol).sum())
     out = dict(num_evals=int(lam.size), matrix_rank=rank, rank_loss=int(lam.size - rank))
     tot = lam.sum()
