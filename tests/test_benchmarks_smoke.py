@@ -40,3 +40,26 @@ def test_bench_core_smoke(tmp_path):
     rows = [r for r in lines if "op" in r]
     assert rows and all("machine" in r and r["machine"]["specfast_build_info"]["native"] for r in rows)
     assert {r["op"] for r in rows} == {"gram_matvec", "spectral_norm", "top16"}
+
+
+def test_bench_audit_smoke(tmp_path):
+    """benchmarks/bench_audit.py --smoke: builds a tiny Llama checkpoint, audits it with specfast
+    (default and full spectrum) and with WeightWatcher, and checks the agreement it reports."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("weightwatcher")
+    import json
+
+    out = tmp_path / "audit_smoke.jsonl"
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "bench_audit.py"), "--smoke",
+                           "--out", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"bench_audit.py --smoke exited {proc.returncode}:\n{log[-4000:]}"
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    methods = {r.get("method") for r in lines if r.get("kind") == "audit"}
+    assert methods == {"specfast_default", "specfast_full", "weightwatcher"}
+    summary = [r for r in lines if r.get("kind") == "summary"][-1]
+    goals = summary["goals"]
+    # timings at smoke size mean nothing; the agreement does
+    assert goals["spectral_norm/log/stable_rank within 1e-4"], summary["agreement_default"]
+    assert goals["same alpha (1e-6 relative)"], summary["agreement_full"]
+    assert summary["agreement_full"]["common"] == 16  # embedding, 2 layers x 7, lm_head

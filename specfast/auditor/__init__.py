@@ -142,9 +142,10 @@ def _finish(rows, heads, source, opts, seconds, out_dir, extra=None) -> AuditRes
         a = df[df.status == "audited"]
         summary.update(audited=len(a), max_sigma_1=float(a.sigma_1.max()) if len(a) else None,
                        unconverged=int((a.get("converged", pd.Series(dtype=bool)) == False).sum()))  # noqa: E712
-        top = df.dropna(subset=["lipschitz_share"]).sort_values("lipschitz_share", ascending=False).head(5)
-        summary["dominant_matrices"] = [dict(name=r.name, share=float(r.lipschitz_share))
-                                        for r in top.itertuples()]
+        if "lipschitz_share" in df:
+            top = df.dropna(subset=["lipschitz_share"]).sort_values("lipschitz_share", ascending=False).head(5)
+            summary["dominant_matrices"] = [dict(name=r.name, share=float(r.lipschitz_share))
+                                            for r in top.itertuples()]
         if len(experts):
             summary["outlier_experts"] = {f"layer {r.layer} {r.role}": r.outlier_experts
                                           for r in experts.itertuples() if r.outlier_experts}

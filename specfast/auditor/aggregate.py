@@ -8,6 +8,7 @@ from collections import defaultdict
 import numpy as np
 import pandas as pd
 
+_MAD_FLOOR = 0.05
 _SUMMARY_COLS = ("sigma_1", "frobenius_norm", "stable_rank", "spectral_entropy", "effective_rank", "alpha")
 
 
@@ -26,8 +27,11 @@ def layer_role_table(df: pd.DataFrame) -> pd.DataFrame:
 
 def expert_outliers(df: pd.DataFrame, z: float = 3.5) -> pd.DataFrame:
     """Per (MoE layer, expert role): the distribution of σ₁ and stable rank across experts, and
-    the experts whose robust z-score |x − median| / (1.4826·MAD) of log σ₁ or log stable rank
-    exceeds ``z`` (Iglewicz–Hoaglin's 3.5 by default). Adds ``expert_outlier`` to ``df``."""
+    the experts whose robust z-score |x − median| / max(1.4826·MAD, 0.05) of log σ₁ or log stable
+    rank exceeds ``z`` (Iglewicz–Hoaglin's 3.5 by default). The floor of 0.05 on the scale (5 % in
+    log space) keeps a tight cluster of experts — few experts, MAD near 0 — from flagging a
+    harmless few-percent deviation: an outlier must differ from the median by ≥ 19 % at z = 3.5.
+    Adds ``expert_outlier`` to ``df``."""
     df["expert_outlier"] = False
     rows = []
     ex = df[(df.status == "audited") & df.role.str.startswith("expert_") & df.expert.notna()]
@@ -38,7 +42,7 @@ def expert_outliers(df: pd.DataFrame, z: float = 3.5) -> pd.DataFrame:
             x = np.log(g[col].astype(float).clip(lower=1e-300))
             med = float(np.median(x))
             mad = float(np.median(np.abs(x - med)))
-            rz = (x - med) / (1.4826 * mad) if mad > 0 else x * 0.0
+            rz = (x - med) / max(1.4826 * mad, _MAD_FLOOR)
             flagged |= set(g.index[np.abs(rz) > z])
             v = g[col].astype(float)
             rec.update({f"{col}_min": float(v.min()), f"{col}_median": float(v.median()),
@@ -50,16 +54,17 @@ def expert_outliers(df: pd.DataFrame, z: float = 3.5) -> pd.DataFrame:
 
 
 def _gelu_like(config: dict) -> float:
-    """sup |φ'| of the MLP activation: 1 for ReLU, ≈1.1289 for GELU, ≈1.0998 for SiLU/Swish."""
+    """sup |φ'| of the MLP activation, rounded up: 1 for ReLU, 1.128905 for GELU (at x = √2),
+    1.099840 for SiLU/Swish (at x ≈ 2.3994)."""
     act = str(config.get("hidden_act") or config.get("activation_function") or config.get("hidden_activation")
               or "").lower()
     if "relu" in act:
         return 1.0
     if "gelu" in act:
-        return 1.1289
+        return 1.128905
     if "silu" in act or "swish" in act:
-        return 1.0998
-    return 1.1289  # the largest of the common ones when unknown
+        return 1.099840
+    return 1.128905  # the largest of the common ones when unknown
 
 
 def lipschitz(df: pd.DataFrame, heads: pd.DataFrame, config: dict) -> dict:
@@ -107,7 +112,12 @@ def lipschitz(df: pd.DataFrame, heads: pd.DataFrame, config: dict) -> dict:
                     s_v = math.sqrt(float((hl.v_norm ** 2).sum()))
                     att = min(float(o.sigma_1.iloc[0]) * s_v, float((hl.o_norm * hl.v_norm).sum()))
                 elif v is not None and len(v):
-                    att = float(o.sigma_1.iloc[0]) * float(v.frobenius_norm.iloc[0])
+                    # Σ over query heads of ‖W_Vʰ‖² ≤ (n_h/n_kv)·‖W_V‖_F², the group size read off the
+                    # q and v shapes (q has n_h·d outputs, v has n_kv·d)
+                    q = by.get("attn_q")
+                    group = (float(q.rows.iloc[0]) / float(v.rows.iloc[0])
+                             if q is not None and len(q) and "rows" in q else 1.0)
+                    att = float(o.sigma_1.iloc[0]) * math.sqrt(max(group, 1.0)) * float(v.frobenius_norm.iloc[0])
                 elif "attn_kv_b" in by and "attn_kv_a" in by:  # MLA: values come out of kv_b after kv_a
                     att = (float(o.sigma_1.iloc[0]) * float(by["attn_kv_b"].frobenius_norm.iloc[0])
                            * float(by["attn_kv_a"].sigma_1.iloc[0]))

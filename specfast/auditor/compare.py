@@ -72,7 +72,8 @@ def compare_checkpoints(base, tuned, *, out_dir=None, resume=False, overwrite=Fa
                 diffs.append(Wt.float() - Wb.float())
                 bases.append(Wb)
                 rows.append(dict(name=spec.matrix, tensor=t.name, role=spec.role, layer=plan.layer,
-                                 expert=spec.expert, shape=list(t.shape), M=min(shape), N=max(shape),
+                                 expert=spec.expert, shape=list(t.shape), rows=shape[0], cols=shape[1],
+                                 M=min(shape), N=max(shape),
                                  dtype=str(t.dtype).replace("torch.", ""), status="audited", reason="",
                                  note="spectrum of W_tuned − W_base"))
             k = min(opts.topk, *diffs[0].shape)

@@ -305,7 +305,7 @@ def _run_group(group, loaded, writer: ResultWriter, options: AuditOptions, bar: 
     rows, mats = [], []
     for (rec, plan, spec), shape in group:
         row = dict(name=spec.matrix, tensor=rec.name, role=spec.role, layer=plan.layer, expert=spec.expert,
-                   shape=list(rec.shape), M=min(shape), N=max(shape),
+                   shape=list(rec.shape), rows=shape[0], cols=shape[1], M=min(shape), N=max(shape),
                    dtype=str(rec.dtype).replace("torch.", ""),
                    origin=os.path.basename(rec.origin) if rec.origin != "<module>" else "<module>",
                    status="audited", reason="", note=spec.note)

@@ -90,7 +90,7 @@ def audit_adapter(source, writer, options, base=None):
             alpha = _pattern_value(cfg.get("alpha_pattern"), module, alpha_default)
             r_cfg = _pattern_value(cfg.get("rank_pattern"), module, r_default)
             scale = alpha / math.sqrt(r_cfg) if rslora else alpha / r_cfg
-            row.update(shape=[B.shape[0], A.shape[1]], M=min(B.shape[0], A.shape[1]), N=max(B.shape[0], A.shape[1]),
+            row.update(shape=[B.shape[0], A.shape[1]], rows=B.shape[0], cols=A.shape[1], M=min(B.shape[0], A.shape[1]), N=max(B.shape[0], A.shape[1]),
                        dtype=str(A.dtype).replace("torch.", ""), lora_rank=r, lora_scale=scale,
                        note=f"ΔW = {scale:g}·B A from the factors (rank {r}), never formed")
             bad = int((~torch.isfinite(A)).sum() + (~torch.isfinite(B)).sum())
