@@ -159,7 +159,7 @@ def _finish(rows, heads, source, opts, seconds, out_dir, extra=None) -> AuditRes
 
 def compare(base, tuned, **kwargs) -> AuditResult:
     """Per-matrix spectrum of ``W_tuned − W_base`` (streamed, one group at a time) with the relative
-    spectral change ‖ΔW‖₂/‖W_base‖₂ and ‖ΔW‖_F/‖W_base‖_F. See specfast.audit.compare_checkpoints."""
-    from .compare import compare_checkpoints
+    spectral change ‖ΔW‖₂/‖W_base‖₂ and ‖ΔW‖_F/‖W_base‖_F. See auditor/checkpoint_diff.py."""
+    from .checkpoint_diff import compare_checkpoints
 
     return compare_checkpoints(base, tuned, **kwargs)

@@ -98,15 +98,26 @@ class ResultWriter:
                                   "(--resume) to continue that audit or overwrite=True (--overwrite) to start over")
         if rows_path.exists() and resume:
             old = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+            new = json.loads(json.dumps(meta, default=str))  # compare as stored (tuples become lists)
             for key in ("source", "options"):
-                if old.get(key) != meta.get(key):
+                a, b = _resume_key(old.get(key)), _resume_key(new.get(key))
+                if a != b:
                     raise ValueError(f"audit: cannot resume in {out_dir}: its {key} differ from this run's "
-                                     f"(was {old.get(key)}, now {meta.get(key)}); use another --out or --overwrite")
+                                     f"(was {a}, now {b}); use another --out or --overwrite")
             self.rows = _read_jsonl(rows_path)
             self.done = {r["name"] for r in self.rows}
             hp = out_dir / _HEAD_FILE
             self.heads = _read_jsonl(hp) if hp.exists() else []
             self.done_heads = {(h["layer"], h["head"]) for h in self.heads}
+            # rewrite both logs with the lines that parsed: a torn last line must not be appended to
+            for path, recs in ((rows_path, self.rows), (hp, self.heads)):
+                tmp = path.with_suffix(".tmp")
+                with open(tmp, "w") as f:
+                    for r in recs:
+                        f.write(json.dumps(r, default=_json_default) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
         else:
             for p in (rows_path, out_dir / _HEAD_FILE):
                 if p.exists():
@@ -115,7 +126,7 @@ class ResultWriter:
         self._rows_f = open(rows_path, "a")
         self._heads_f = open(out_dir / _HEAD_FILE, "a")
 
-    def add(self, rows: list[dict], heads: bool = False):
+    def add(self, rows: list[dict], heads: bool = False):  # noqa: D401 - append and persist
         (self.heads if heads else self.rows).extend(rows)
         if not heads:
             self.done.update(r["name"] for r in rows)
@@ -131,6 +142,17 @@ class ResultWriter:
         if self.out_dir is not None:
             self._rows_f.close()
             self._heads_f.close()
+
+
+# Options that change how an audit runs but not its numbers: a resume may change them (e.g. a
+# smaller --max-memory after running out of memory).
+_RUN_ONLY_OPTIONS = ("max_memory", "device")
+
+
+def _resume_key(d):
+    if isinstance(d, dict):
+        return {k: v for k, v in d.items() if k not in _RUN_ONLY_OPTIONS}
+    return d
 
 
 def _json_default(x):
@@ -255,8 +277,9 @@ def _matrix_shape(rec: TensorRecord, spec) -> tuple:
 
 
 def _groups(pending, budget: int):
-    """Same (dtype, shape) matrices together, in chunks whose bytes stay within half the budget
-    (the other half is the solvers' working memory)."""
+    """Same (dtype, shape) matrices together, in chunks whose bytes stay within a third of the
+    budget: one group is computed while the next is mapped, and the last third is the solvers'
+    working memory."""
     buckets: dict = {}
     for item in pending:
         rec, _, spec = item
@@ -266,7 +289,7 @@ def _groups(pending, budget: int):
         chunk, used = [], 0
         for item, shp in items:
             nbytes = shp[0] * shp[1] * item[0].dtype.itemsize
-            if chunk and used + nbytes > budget // 2:
+            if chunk and used + nbytes > budget // 3:
                 yield chunk
                 chunk, used = [], 0
             chunk.append((item, shp))
@@ -321,7 +344,7 @@ def _run_group(group, loaded, writer: ResultWriter, options: AuditOptions, bar: 
         res = metrics_mod.compute(mats, topk=topk, tol=options.tol, spectrum=options.spectrum,
                                   metrics=set(options.metrics), entropy_probes=options.entropy_probes,
                                   entropy_steps=options.entropy_steps, exact_max_dim=options.exact_max_dim,
-                                  seed=options.seed)
+                                  seed=options.seed, names=[r["name"] for r in ok_rows])
         for row, r in zip(ok_rows, res):
             row.update(r)
             if r.get("nan_count", 0) or r.get("inf_count", 0):

@@ -11,6 +11,7 @@ Two spectrum modes:
 from __future__ import annotations
 
 import math
+import zlib
 
 import numpy as np
 import torch
@@ -43,9 +44,17 @@ def gram_eigenvalues(W: torch.Tensor, chunk_bytes: int = 256 << 20) -> torch.Ten
     return lam.flip(0).clamp_min(0.0)
 
 
+def matrix_seed(seed: int, name: str) -> int:
+    """A per-matrix seed from the matrix's name: a row never depends on which group it ran in."""
+    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**31)
+
+
 def compute(mats: list[torch.Tensor], *, topk: int, tol: float, spectrum: str, metrics: set,
-            entropy_probes: int, entropy_steps: int, exact_max_dim: int, seed: int) -> list[dict]:
-    """Metrics for each matrix of ``mats`` (2-D tensors, any float dtype); returns one dict each."""
+            entropy_probes: int, entropy_steps: int, exact_max_dim: int, seed: int,
+            names: list[str] | None = None) -> list[dict]:
+    """Metrics for each matrix of ``mats`` (2-D tensors, any float dtype); returns one dict each.
+    Random start vectors and probes are seeded per matrix from ``seed`` and its name."""
+    names = names if names is not None else [str(i) for i in range(len(mats))]
     out = [dict() for _ in mats]
     if not mats:
         return out
@@ -66,6 +75,8 @@ def compute(mats: list[torch.Tensor], *, topk: int, tol: float, spectrum: str, m
     k = [min(topk, *W.shape) for W in gm]
     kmax = max(k)
     # Krylov needs k <= min(m, n): a group mixes shapes only when they share k, see the caller
+    # One grouped Krylov call. Its start vectors depend on the position in the group, which moves
+    # σ only within its certified error (the entropy's SLQ probes, below, are seeded by name).
     S, info = linalg.svdvals(gm, kmax if all(x == kmax for x in k) else min(k), tol=tol, seed=seed,
                              return_info=True, nonfinite="nan")
     for j, i in enumerate(good):
@@ -84,7 +95,7 @@ def compute(mats: list[torch.Tensor], *, topk: int, tol: float, spectrum: str, m
         for j, i in enumerate(good):
             W = gm[j]
             H, einfo = linalg.spectral_entropy(W, num_probes=entropy_probes, lanczos_steps=entropy_steps,
-                                               exact_max_dim=exact_max_dim, seed=seed + j,
+                                               exact_max_dim=exact_max_dim, seed=matrix_seed(seed, names[i]),
                                                return_info=True, nonfinite="nan")
             H = float(H)
             out[i].update(spectral_entropy=H, spectral_entropy_stderr=float(einfo.stderr),
@@ -92,7 +103,8 @@ def compute(mats: list[torch.Tensor], *, topk: int, tol: float, spectrum: str, m
                           effective_rank=math.exp(H) if out[i].get("frobenius_norm", 0) > 0 else 0.0)
     if "condition" in metrics:
         for j, i in enumerate(good):
-            c, cinfo = linalg.condition_number(gm[j], seed=seed + j, return_info=True, nonfinite="nan")
+            c, cinfo = linalg.condition_number(gm[j], seed=matrix_seed(seed, names[i]), return_info=True,
+                                               nonfinite="nan")
             out[i].update(condition=float(c), condition_lower=float(cinfo.lower),
                           condition_upper=float(cinfo.upper), condition_method=cinfo.method)
     return out

@@ -109,11 +109,15 @@ class SafetensorsFile:
                                       f"bytes but data_offsets {offs} span {offs[1] - offs[0]}")
             self.entries[name] = (dtype, tuple(shape), offs[0], offs[1])
             spans.append((offs[0], offs[1], name))
-        spans.sort()
-        for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
-            if b1 < e0 and e1 > b1 and e0 > b0:
-                raise CheckpointError(f"{self.path}: tensors {n0!r} {[b0, e0]} and {n1!r} {[b1, e1]} "
-                                      "overlap in the data section")
+        # sorted by start, each non-empty range must begin at or after the furthest end so far
+        spans = sorted(sp for sp in spans if sp[1] > sp[0])
+        far_end, far_name = 0, None
+        for b, e, name in spans:
+            if b < far_end:
+                raise CheckpointError(f"{self.path}: tensors {far_name!r} and {name!r} {[b, e]} overlap in "
+                                      "the data section")
+            if e > far_end:
+                far_end, far_name = e, name
         self._map: mmap.mmap | None = None
         self._fd = None
 
@@ -210,14 +214,17 @@ def _files_source(kind: str, location: str, files: list[Path], config: dict) -> 
                   closers=[sf.close for sf in stfiles])
 
 
-def _hf_directory(d: Path) -> Source:
+def _hf_directory(d: Path, allow_pickle: bool = False) -> Source:
     config = _read_json(d / "config.json", "config.json") if (d / "config.json").is_file() else {}
     index = d / "model.safetensors.index.json"
     if index.is_file():
         idx = _read_json(index, "the shard index")
-        wmap = idx.get("weight_map")
+        wmap = idx.get("weight_map") if isinstance(idx, dict) else None
         if not isinstance(wmap, dict) or not wmap:
-            raise CheckpointError(f"{index}: has no weight_map")
+            raise CheckpointError(f"{index}: must be a JSON object with a non-empty weight_map")
+        bad = [(k, v) for k, v in wmap.items() if not isinstance(v, str) or not v]
+        if bad:
+            raise CheckpointError(f"{index}: weight_map entry {bad[0][0]!r} must name a shard file; got {bad[0][1]!r}")
         root = d.resolve()
         files = []
         for shard in dict.fromkeys(wmap.values()):
@@ -237,9 +244,19 @@ def _hf_directory(d: Path) -> Source:
         return src
     files = sorted(p for p in d.glob("*.safetensors") if p.name != "adapter_model.safetensors")
     if not files:
-        pickles = sorted(p.name for p in d.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
-        hint = (f"; found pickled checkpoint(s) {pickles}: pass allow_pickle=True (CLI --allow-pickle) "
-                "to load them with torch.load(weights_only=True)") if pickles else ""
+        pickles = sorted(p for p in d.iterdir() if p.suffix in (".bin", ".pt", ".pth") and p.is_file())
+        if pickles and allow_pickle:
+            parts = [_pickle_source(p) for p in pickles]
+            records, seen = [], {}
+            for part, p in zip(parts, pickles):
+                for r in part.records:
+                    if r.name in seen:
+                        raise CheckpointError(f"tensor {r.name!r} appears in both {seen[r.name]} and {p}")
+                    seen[r.name] = p
+                    records.append(r)
+            return Source("pickle", str(d), records, config, files=list(pickles))
+        hint = (f"; found pickled checkpoint(s) {[p.name for p in pickles]}: pass allow_pickle=True "
+                "(CLI --allow-pickle) to load them with torch.load(weights_only=True)") if pickles else ""
         raise CheckpointError(f"{d}: no *.safetensors file and no model.safetensors.index.json{hint}")
     return _files_source("hf_dir", str(d), files, config)
 
@@ -291,7 +308,7 @@ def open_source(model, *, allow_pickle: bool = False) -> Source:
     if p.is_dir():
         if (p / "adapter_config.json").is_file():
             return _peft_source(p)
-        return _hf_directory(p)
+        return _hf_directory(p, allow_pickle)
     if p.suffix == ".safetensors":
         cfg_path = p.parent / "config.json"
         config = _read_json(cfg_path, "config.json") if cfg_path.is_file() else {}

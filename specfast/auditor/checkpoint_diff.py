@@ -63,7 +63,7 @@ def compare_checkpoints(base, tuned, *, out_dir=None, resume=False, overwrite=Fa
             for spec in plan.matrices:
                 if spec.matrix not in writer.done:
                     pending.append((t, plan, spec))
-        for group in _groups(pending, opts.max_memory // 2):  # two inputs and one difference in flight
+        for group in _groups(pending, opts.max_memory // 2):  # two inputs and a float32 difference in flight
             rows, diffs, bases = [], [], []
             for (t, plan, spec), shape in group:
                 b = brecs[t.name]
@@ -79,7 +79,8 @@ def compare_checkpoints(base, tuned, *, out_dir=None, resume=False, overwrite=Fa
             k = min(opts.topk, *diffs[0].shape)
             res = metrics_mod.compute(diffs, topk=k, tol=opts.tol, spectrum="krylov", metrics=set(opts.metrics),
                                       entropy_probes=opts.entropy_probes, entropy_steps=opts.entropy_steps,
-                                      exact_max_dim=opts.exact_max_dim, seed=opts.seed)
+                                      exact_max_dim=opts.exact_max_dim, seed=opts.seed,
+                                      names=[r["name"] for r in rows])
             sb = linalg.spectral_norm(bases, tol=opts.tol, seed=opts.seed, nonfinite="nan").double()
             fb = linalg.frobenius_norm_sq(bases, nonfinite="nan").double().sqrt()
             for j, (row, r) in enumerate(zip(rows, res)):
