@@ -20,10 +20,17 @@ from .roles import HeadConfig, plan_tensor
 
 
 def bilinear_singular_values(Wq: torch.Tensor, Wk: torch.Tensor) -> torch.Tensor:
-    """Singular values of W_qᵀ W_k for stacks Wq [h, d, H], Wk [h, d, H], from the factors."""
-    _, R1 = torch.linalg.qr(Wq.double().mT)   # [h, H, d] = Q1 R1
-    _, R2 = torch.linalg.qr(Wk.double().mT)
-    return torch.linalg.svdvals(R1 @ R2.mT)
+    """Singular values of W_qᵀ W_k for stacks Wq [h, d, H], Wk [h, d, H], from the factors.
+
+    σ(W_qᵀW_k)² are the eigenvalues of G_k G_q with the d×d Grams G_q = W_q W_qᵀ, G_k = W_k W_kᵀ,
+    i.e. of the symmetric G_q^{1/2} G_k G_q^{1/2}: two batched float64 Gram products (GEMMs, far
+    cheaper than the Householder QRs of the [H, d] factors) and d×d eigen-solves."""
+    Wq, Wk = Wq.double(), Wk.double()
+    Gq, Gk = Wq @ Wq.mT, Wk @ Wk.mT
+    lam, V = torch.linalg.eigh(Gq)
+    half = V * lam.clamp_min(0).sqrt()[..., None, :] @ V.mT
+    s2 = torch.linalg.eigvalsh(half @ Gk @ half)
+    return s2.clamp_min(0).sqrt().flip(-1)
 
 
 def audit_heads(source, hc: HeadConfig, writer, options):

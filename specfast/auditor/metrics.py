@@ -16,7 +16,7 @@ import zlib
 import numpy as np
 import torch
 
-from .. import linalg
+from .. import linalg, ops
 from . import ww
 
 _EPS64 = float(np.finfo(np.float64).eps)
@@ -58,12 +58,13 @@ def compute(mats: list[torch.Tensor], *, topk: int, tol: float, spectrum: str, m
     out = [dict() for _ in mats]
     if not mats:
         return out
-    bad = []
+    # one native pass per matrix gives ‖W‖_F² and the count of non-finite entries; only a matrix
+    # that has some is scanned again to tell NaN from Inf
+    fro_all, nbad = ops.frobenius_scan_grouped_op(list(mats))
     for i, W in enumerate(mats):
-        nan, inf = nonfinite_counts(W)
+        nan, inf = nonfinite_counts(W) if int(nbad[i]) else (0, 0)
         out[i].update(nan_count=nan, inf_count=inf)
-        bad.append(nan + inf > 0)
-    good = [i for i in range(len(mats)) if not bad[i]]
+    good = [i for i in range(len(mats)) if not int(nbad[i])]
     if not good:
         return out
     gm = [mats[i] for i in good]
@@ -71,7 +72,7 @@ def compute(mats: list[torch.Tensor], *, topk: int, tol: float, spectrum: str, m
         for i, W in zip(good, gm):
             out[i].update(_full_metrics(W, topk, metrics))
         return out
-    fro2 = linalg.frobenius_norm_sq(gm)
+    fro2 = fro_all[good]
     k = [min(topk, *W.shape) for W in gm]
     kmax = max(k)
     # Krylov needs k <= min(m, n): a group mixes shapes only when they share k, see the caller
