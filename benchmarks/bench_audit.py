@@ -15,6 +15,7 @@ and reports wall time, peak RSS, the speedups, and the agreement of spectral_nor
 stable_rank and alpha on the layers both audit (plus the tensors WeightWatcher skips).
 
     cd /tmp && python /path/to/repo/benchmarks/bench_audit.py            # ~10 min on 2 cores
+    cd /tmp && python /path/to/repo/benchmarks/bench_audit.py --init heavy-tailed   # trained-like spectra
     cd /tmp && python /path/to/repo/benchmarks/bench_audit.py --smoke    # tiny model, seconds
 Results: bench_results/audit.jsonl (one line per method and a summary line, with the machine record).
 """
@@ -63,7 +64,31 @@ json.dump({"seconds": seconds, "peak_rss": rss, "rows": rows}, open(out, "w"), d
 '''
 
 
-def build_checkpoint(d: str, layers: int, smoke: bool, dtype: str) -> dict:
+def plant_heavy_tailed(model, gamma: float = 0.5, seed: int = 0) -> None:
+    """Replace every 2-D weight by U diag(s) Vᵀ with random orthonormal U, V and a power-law
+    spectrum s_i ∝ (1 + i)^(−gamma), scaled to the random initialisation's Frobenius norm.
+
+    Trained transformer weights have heavy-tailed spectra with separated top singular values (their
+    WeightWatcher alpha is typically 2–6); transformers' random initialisation has the gapless
+    Marchenko–Pastur bulk, the worst case for Krylov methods. gamma = 0.5 gives the eigenvalues
+    λ_i ∝ i^(−1), an ESD tail exponent near 2."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim != 2:
+                continue
+            m, n = p.shape
+            k = min(m, n)
+            U, _ = torch.linalg.qr(torch.randn(m, k, generator=g))
+            V, _ = torch.linalg.qr(torch.randn(n, k, generator=g))
+            s = (1.0 + torch.arange(k, dtype=torch.float32)) ** (-gamma)
+            s *= p.float().norm() / s.norm()
+            p.copy_(((U * s) @ V.T).to(p.dtype))
+
+
+def build_checkpoint(d: str, layers: int, smoke: bool, dtype: str, init: str = "random") -> dict:
     import torch
     import transformers
 
@@ -77,11 +102,13 @@ def build_checkpoint(d: str, layers: int, smoke: bool, dtype: str) -> dict:
                                        tie_word_embeddings=False)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype))
+    if init == "heavy-tailed":
+        plant_heavy_tailed(model)
     nparams = sum(p.numel() for p in model.parameters())
     model.save_pretrained(d, max_shard_size="2GB")
     del model
     return {"params": nparams, "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size,
-            "intermediate": cfg.intermediate_size, "dtype": dtype}
+            "intermediate": cfg.intermediate_size, "dtype": dtype, "init": init}
 
 
 def run_child(mode: str, path: str, tmp: str) -> dict:
@@ -117,6 +144,9 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="a tiny Llama: checks the script, times nothing useful")
     ap.add_argument("--layers", type=int, default=22, help="decoder layers (22 = TinyLlama-1.1B shape)")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="checkpoint dtype")
+    ap.add_argument("--init", default="random", choices=("random", "heavy-tailed"),
+                    help="random: transformers' initialisation (Marchenko-Pastur bulk, no spectral gap: the "
+                    "worst case for Krylov); heavy-tailed: planted power-law spectra like trained weights")
     ap.add_argument("--skip-weightwatcher", action="store_true")
     ap.add_argument("--out", default=os.path.join("bench_results", "audit_smoke.jsonl" if "--smoke" in sys.argv
                                                   else "audit.jsonl"))
@@ -127,17 +157,15 @@ def main():
     with tempfile.TemporaryDirectory(prefix="specfast-bench-audit-") as tmp:
         ckpt = os.path.join(tmp, "llama")
         t = time.perf_counter()
-        info = build_checkpoint(ckpt, args.layers, args.smoke, args.dtype)
+        info = build_checkpoint(ckpt, args.layers, args.smoke, args.dtype, args.init)
         print(f"checkpoint: Llama {info['params'] / 1e9:.3f} B params ({info['layers']} layers, hidden "
-              f"{info['hidden']}, MLP {info['intermediate']}), {args.dtype} safetensors, built in "
+              f"{info['hidden']}, MLP {info['intermediate']}), {args.init} init, {args.dtype} safetensors, built in "
               f"{time.perf_counter() - t:.0f} s", flush=True)
         results = {}
         modes = ["specfast_default", "specfast_full"] + ([] if args.skip_weightwatcher else ["weightwatcher"])
-        have_ww = True
-        try:
-            import weightwatcher  # noqa: F401
-        except ImportError:
-            have_ww = False
+        import importlib.util
+
+        if importlib.util.find_spec("weightwatcher") is None:  # not imported here: its import has side effects
             modes = modes[:2]
             print("weightwatcher is not installed: pip install 'weightwatcher==0.7.*' for the comparison")
         for mode in modes:

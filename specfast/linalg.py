@@ -730,12 +730,20 @@ def _entropy_one(fn, W: Tensor, method, num_probes, steps, exact_max_dim, seed, 
         Wc = Wc / scale[..., None, None]
         fro = ops.frobenius_scan_op(Wc)[0]
     nodes, weights, dims, st = ops.slq_gram_op(Wc, num_probes, steps, seed)
+    H, se = _slq_entropy(nodes, weights, dims, fro, min(m, n))
+    H = torch.where(status == 0, H, torch.full_like(H, float("nan")))
+    return H, se, status, "slq", fro
+
+
+def _slq_entropy(nodes: Tensor, weights: Tensor, dims: Tensor, F: Tensor, p: int):
+    """(H, stderr) from the SLQ quadrature of each probe and the exact trace F = ‖W‖_F²
+    (p = min(m, n), the rank bound)."""
+    num_probes = nodes.shape[-2]
     lam = nodes.clamp_min(0)
-    F = fro
     # Control variate: tr(A log A) = tr(A (log A - c)) + c F with F = tr A known exactly and
     # c = log(F / min(m, n)) the log of the mean eigenvalue; the probes then only estimate the
     # small deviation term, which cuts the Hutchinson variance by a large factor.
-    c = torch.log((F / max(min(m, n), 1)).clamp_min(_LOG_EPS))[..., None, None]
+    c = torch.log((F / max(p, 1)).clamp_min(_LOG_EPS))[..., None, None]
     f = torch.where(lam > 0, lam * (torch.log(lam.clamp_min(_LOG_EPS)) - c), torch.zeros_like(lam))
     per_probe = dims[..., None].to(torch.float64) * (weights * f).sum(-1) + c[..., 0] * F[..., None]
     E = per_probe.mean(-1)
@@ -743,9 +751,7 @@ def _entropy_one(fn, W: Tensor, method, num_probes, steps, exact_max_dim, seed, 
     H = torch.where(F > 0, torch.log(F.clamp_min(_LOG_EPS)) - E / F.clamp_min(_LOG_EPS), torch.zeros_like(F))
     se = torch.where(F > 0, se_E / F.clamp_min(_LOG_EPS), torch.zeros_like(F))
     # H is bounded by [0, log rank]: clamp the estimate into the feasible interval
-    H = H.clamp(min=0.0, max=math.log(max(min(m, n), 1)))
-    H = torch.where(status == 0, H, torch.full_like(H, float("nan")))
-    return H, se, status, "slq", F
+    return H.clamp(min=0.0, max=math.log(max(p, 1))), se
 
 
 def condition_number(W, *, tol: float = 1e-6, max_iter: int | None = None, method: str = "auto",

@@ -95,13 +95,8 @@ def compute(mats: list[torch.Tensor], *, topk: int, tol: float, spectrum: str, m
     if "entropy" in metrics:
         for j, i in enumerate(good):
             W = gm[j]
-            H, einfo = linalg.spectral_entropy(W, num_probes=entropy_probes, lanczos_steps=entropy_steps,
-                                               exact_max_dim=exact_max_dim, seed=matrix_seed(seed, names[i]),
-                                               return_info=True, nonfinite="nan")
-            H = float(H)
-            out[i].update(spectral_entropy=H, spectral_entropy_stderr=float(einfo.stderr),
-                          entropy_method=einfo.method,
-                          effective_rank=math.exp(H) if out[i].get("frobenius_norm", 0) > 0 else 0.0)
+            out[i].update(_entropy(W, float(fro2[j]), entropy_probes, entropy_steps, exact_max_dim,
+                                   matrix_seed(seed, names[i])))
     if "condition" in metrics:
         for j, i in enumerate(good):
             c, cinfo = linalg.condition_number(gm[j], seed=matrix_seed(seed, names[i]), return_info=True,
@@ -109,6 +104,28 @@ def compute(mats: list[torch.Tensor], *, topk: int, tol: float, spectrum: str, m
             out[i].update(condition=float(c), condition_lower=float(cinfo.lower),
                           condition_upper=float(cinfo.upper), condition_method=cinfo.method)
     return out
+
+
+def _entropy(W: torch.Tensor, f2: float, probes: int, steps: int, exact_max_dim: int, seed: int) -> dict:
+    """Spectral entropy with ‖W‖_F² already known: every eigenvalue of the float64 Gram matrix when
+    min(m, n) <= exact_max_dim (cheaper than an SVD), else SLQ (linalg's estimator and stderr)."""
+    p = min(W.shape)
+    if p <= exact_max_dim or W.dtype == torch.float64:
+        if p > exact_max_dim:  # float64 storage: linalg rescales entries that would overflow
+            H, info = linalg.spectral_entropy(W, num_probes=probes, lanczos_steps=steps, exact_max_dim=exact_max_dim,
+                                              seed=seed, return_info=True, nonfinite="nan")
+            H, se, how = float(H), float(info.stderr), info.method
+        else:
+            lam = gram_eigenvalues(W)
+            tot = float(lam.sum())
+            pr = lam[lam > 0] / tot if tot > 0 else lam[:0]
+            H, se, how = float(-(pr * pr.log()).sum()) if tot > 0 else 0.0, 0.0, "exact"
+    else:
+        nodes, weights, dims, _ = ops.slq_gram_op(W, probes, steps, seed)
+        Ht, set_ = linalg._slq_entropy(nodes, weights, dims, torch.tensor(f2, dtype=torch.float64), p)
+        H, se, how = float(Ht), float(set_), "slq"
+    return dict(spectral_entropy=H, spectral_entropy_stderr=se, entropy_method=how,
+                effective_rank=math.exp(H) if f2 > 0 else 0.0)
 
 
 def _full_metrics(W: torch.Tensor, topk: int, metrics: set) -> dict:
