@@ -53,13 +53,22 @@ else:
     import contextlib, io, transformers
     with contextlib.redirect_stdout(io.StringIO()):   # its import prints about SciPy and CUDA
         import weightwatcher as ww
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except ValueError:  # an encoder (e.g. BERT): the bare model holds every weight of the file
+        model = transformers.AutoModel.from_pretrained(path, dtype=torch.float32)
     t0 = time.perf_counter()   # WeightWatcher's time starts with the model in memory (its best case)
     df = ww.WeightWatcher(model=model).analyze()
     df["tensor"] = df["longname"] + ".weight"
     rows = df[["tensor", "spectral_norm", "log_spectral_norm", "stable_rank", "alpha"]].to_dict("records")
 seconds = time.perf_counter() - t0
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork+exec, so a child would report the
+# parent's peak (the checkpoint builder's); VmHWM belongs to this process's own address space.
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+with open("/proc/self/status") as f:
+    for line in f:
+        if line.startswith("VmHWM:"):
+            rss = int(line.split()[1]) * 1024
 json.dump({"seconds": seconds, "peak_rss": rss, "rows": rows}, open(out, "w"), default=str)
 '''
 
@@ -147,6 +156,9 @@ def main():
     ap.add_argument("--init", default="random", choices=("random", "heavy-tailed"),
                     help="random: transformers' initialisation (Marchenko-Pastur bulk, no spectral gap: the "
                     "worst case for Krylov); heavy-tailed: planted power-law spectra like trained weights")
+    ap.add_argument("--model", metavar="DIR", help="benchmark this Hugging Face model directory instead of "
+                    "building one (e.g. the default model: python -c 'import specfast.auditor as a; "
+                    "print(a.default_model_path())')")
     ap.add_argument("--skip-weightwatcher", action="store_true")
     ap.add_argument("--out", default=os.path.join("bench_results", "audit_smoke.jsonl" if "--smoke" in sys.argv
                                                   else "audit.jsonl"))
@@ -155,12 +167,17 @@ def main():
     machine = harness.machine_record(os.path.dirname(HERE), removed)
     writer = harness.ResultWriter(args.out, machine, {"mode": "smoke" if args.smoke else "full"})
     with tempfile.TemporaryDirectory(prefix="specfast-bench-audit-") as tmp:
-        ckpt = os.path.join(tmp, "llama")
         t = time.perf_counter()
-        info = build_checkpoint(ckpt, args.layers, args.smoke, args.dtype, args.init)
-        print(f"checkpoint: Llama {info['params'] / 1e9:.3f} B params ({info['layers']} layers, hidden "
-              f"{info['hidden']}, MLP {info['intermediate']}), {args.init} init, {args.dtype} safetensors, built in "
-              f"{time.perf_counter() - t:.0f} s", flush=True)
+        if args.model:
+            ckpt = os.path.abspath(args.model)
+            info = {"model": ckpt}
+            print(f"checkpoint: {ckpt}", flush=True)
+        else:
+            ckpt = os.path.join(tmp, "llama")
+            info = build_checkpoint(ckpt, args.layers, args.smoke, args.dtype, args.init)
+            print(f"checkpoint: Llama {info['params'] / 1e9:.3f} B params ({info['layers']} layers, hidden "
+                  f"{info['hidden']}, MLP {info['intermediate']}), {args.init} init, {args.dtype} safetensors, "
+                  f"built in {time.perf_counter() - t:.0f} s", flush=True)
         results = {}
         modes = ["specfast_default", "specfast_full"] + ([] if args.skip_weightwatcher else ["weightwatcher"])
         import importlib.util

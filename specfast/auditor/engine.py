@@ -52,9 +52,11 @@ class AuditOptions:
     max_memory: int = 4 * 2**30
     device: str = "cpu"
     seed: int = 0
-    entropy_probes: int = 4
-    entropy_steps: int = 24
-    exact_max_dim: int = 256
+    # 8 probes x 12 steps: same passes over W as 4 x 24, but the estimate's error is dominated by
+    # the number of probes (Hutchinson variance), not the steps (measured: 12 and 24 steps agree)
+    entropy_probes: int = 8
+    entropy_steps: int = 12
+    exact_max_dim: int = 512
     outlier_z: float = 3.5
 
     def validate(self):

@@ -65,9 +65,14 @@ def audit_heads(source, hc: HeadConfig, writer, options):
             stacks["o"] = o.reshape(o.shape[0], nh, d).permute(1, 0, 2)  # [nh, H, d], strided
         if not stacks:
             continue
+        # the matrix rows already counted non-finite entries: scan per head only where there are some
+        clean = {r["name"]: not (r.get("nan_count") or r.get("inf_count")) for r in writer.rows
+                 if r.get("layer") == layer}
+        all_clean = all(clean.get(spec.matrix, False) for _, spec in p.values())
         norms = {}
         for key, S in stacks.items():
-            bad = ~torch.isfinite(S).flatten(1).all(1)
+            bad = (torch.zeros(S.shape[0], dtype=torch.bool) if all_clean
+                   else ~torch.isfinite(S).flatten(1).all(1))
             val = linalg.spectral_norm(S, tol=options.tol, seed=options.seed, nonfinite="nan").double()
             norms[key] = torch.where(bad, torch.full_like(val, float("nan")), val)
         group = nh // nkv
@@ -75,7 +80,8 @@ def audit_heads(source, hc: HeadConfig, writer, options):
         qk = None
         if "q" in stacks and "k" in stacks:
             Kh = stacks["k"][kv_of]
-            fin = torch.isfinite(stacks["q"]).flatten(1).all(1) & torch.isfinite(Kh).flatten(1).all(1)
+            fin = (torch.ones(nh, dtype=torch.bool) if all_clean else
+                   torch.isfinite(stacks["q"]).flatten(1).all(1) & torch.isfinite(Kh).flatten(1).all(1))
             sv = bilinear_singular_values(torch.where(fin[:, None, None], stacks["q"], 0).float(),
                                           torch.where(fin[:, None, None], Kh, 0).float())
             qk = torch.where(fin[:, None], sv, torch.full_like(sv, float("nan")))
