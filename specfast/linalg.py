@@ -190,7 +190,7 @@ def gram_matvec(W, v):
             groups.setdefault((w.dtype, x.dtype, x.shape[-1]), []).append(i)
         Ys: list = [None] * len(Xs)
         for idx in groups.values():
-            res = ops.gram_matvec_grouped_op([inp.items[i] for i in idx], [Xs[i] for i in idx])
+            res = ops.call(ops.gram_matvec_grouped_op, [inp.items[i] for i in idx], [Xs[i] for i in idx])
             for i, y in zip(idx, res):
                 Ys[i] = y
         return inp.out([y.squeeze(-1) if vec else y for y, vec in zip(Ys, is_vec)])
@@ -220,7 +220,7 @@ def gram_matvec(W, v):
     except RuntimeError:
         raise ValueError(f"{fn}: the batch dims of v {tuple(x.shape)} do not match W {tuple(Wt.shape)}") from None
     X = X.to(_promote(Wt.dtype, x.dtype))
-    Y = ops.gram_matvec_op(Wt, X)
+    Y = ops.call(ops.gram_matvec_op, Wt, X)
     return inp.out(Y.squeeze(-1) if is_vec else Y)
 
 
@@ -295,7 +295,8 @@ def _krylov(fn: str, inp: _Input, k: int, *, tol: float, max_iter, block_size, l
     scale = _f64_scale(W)
     if scale is not None:
         W = W / scale[..., None, None]
-    S, bound, iters, conv, status, U, V = ops.krylov_svd_op(
+    S, bound, iters, conv, status, U, V = ops.call(
+        ops.krylov_svd_op,
         W, k, block, basis, max_iter, float(tol), largest, want_vectors, seed)
     if scale is not None:
         S, bound = S * scale[..., None], bound * scale[..., None]
@@ -324,7 +325,8 @@ def _krylov_list(items, k, block, basis, max_iter, tol, largest, want_vectors, s
         sc = _f64_scale(items[i])
         scales.append(1.0 if sc is None else float(sc))
         work.append(items[i] if sc is None else items[i] / sc)
-    r = ops.krylov_svd_grouped_op(work, k, block, basis, max_iter, float(tol), largest, want_vectors, seed)
+    r = ops.call(ops.krylov_svd_grouped_op, work, k, block, basis, max_iter, float(tol), largest,
+                 want_vectors, seed)
     t = torch.tensor(idx, device=dev)
     sc = torch.tensor(scales, dtype=torch.float64, device=dev)[:, None]
     S[t], bound[t], iters[t], conv[t], status[t] = r[0] * sc, r[1] * sc, r[2], r[3], r[4]
@@ -511,7 +513,7 @@ def svd_lowrank(A, q: int | None = 6, niter: int = 2, M=None, *, tol: float | No
         _check_positive(fn, "niter", niter, allow_zero=True)
         p = 0 if oversample is None else oversample
         _check_positive(fn, "oversample", p, allow_zero=True)
-        fro, bad = ops.frobenius_scan_op(X)
+        fro, bad = ops.call(ops.frobenius_scan_op, X)
         status = torch.where(bad > 0, ops.STATUS_NONFINITE, 0).to(torch.int32)
         if nonfinite == "raise":
             _raise_nonfinite(fn, inp.name, status, X.shape[:-2], False)
@@ -546,7 +548,7 @@ def _randomized_svd(X: Tensor, q: int, niter: int, p: int, seed: int, out_dtype)
     V = torch.randn((*batch, n, L), generator=g, dtype=torch.float64).to(X.device)
     V = torch.linalg.qr(V).Q
     for _ in range(niter + 1):
-        V = torch.linalg.qr(ops.gram_matvec_op(X, V)).Q
+        V = torch.linalg.qr(ops.call(ops.gram_matvec_op, X, V)).Q
     B = _matmul_f64(X, V)                                        # [*, m, L]
     Ub, S, Hh = torch.linalg.svd(B, full_matrices=False)
     Vf = V @ Hh.mT
@@ -567,8 +569,8 @@ def _matmul_f64(X: Tensor, V: Tensor, rows: int = 4096) -> Tensor:
 # ------------------------------------------------------------------------------ derived metrics
 def _frob(inp: _Input):
     if inp.is_list:
-        return ops.frobenius_scan_grouped_op(list(inp.items))
-    return ops.frobenius_scan_op(inp.W)
+        return ops.call(ops.frobenius_scan_grouped_op, list(inp.items))
+    return ops.call(ops.frobenius_scan_op, inp.W)
 
 
 def _nonfinite_status(fn: str, inp: _Input, bad: Tensor, nonfinite: str) -> Tensor:
@@ -635,7 +637,7 @@ def _frob_scaled_ratio(inp: _Input, s1: Tensor) -> Tensor:
     vals = []
     for w, s in zip(items, s1.reshape(-1)):
         if s > 0 and torch.isfinite(s):
-            vals.append(ops.frobenius_scan_op(w / s)[0].reshape(()))
+            vals.append(ops.call(ops.frobenius_scan_op, w / s)[0].reshape(()))
         else:
             vals.append(torch.tensor(float("nan"), dtype=torch.float64))
     return torch.stack(vals).reshape(s1.shape)
@@ -706,7 +708,7 @@ def _entropy_one(fn, W: Tensor, method, num_probes, steps, exact_max_dim, seed, 
     if W.numel() == 0:
         z = torch.zeros(batch, dtype=torch.float64)
         return z, z.clone(), z.to(torch.int32), "exact", z.clone()
-    fro, bad = ops.frobenius_scan_op(W)
+    fro, bad = ops.call(ops.frobenius_scan_op, W)
     status = torch.where(bad > 0, ops.STATUS_NONFINITE, 0).to(torch.int32)
     if nonfinite == "raise":
         _raise_nonfinite(fn, name, status, batch, False)
@@ -728,8 +730,8 @@ def _entropy_one(fn, W: Tensor, method, num_probes, steps, exact_max_dim, seed, 
     scale = _f64_scale(Wc)
     if scale is not None:
         Wc = Wc / scale[..., None, None]
-        fro = ops.frobenius_scan_op(Wc)[0]
-    nodes, weights, dims, st = ops.slq_gram_op(Wc, num_probes, steps, seed)
+        fro = ops.call(ops.frobenius_scan_op, Wc)[0]
+    nodes, weights, dims, st = ops.call(ops.slq_gram_op, Wc, num_probes, steps, seed)
     H, se = _slq_entropy(nodes, weights, dims, fro, min(m, n))
     H = torch.where(status == 0, H, torch.full_like(H, float("nan")))
     return H, se, status, "slq", fro

@@ -60,7 +60,7 @@ def compute(mats: list[torch.Tensor], *, topk: int, tol: float, spectrum: str, m
         return out
     # one native pass per matrix gives ‖W‖_F² and the count of non-finite entries; only a matrix
     # that has some is scanned again to tell NaN from Inf
-    fro_all, nbad = ops.frobenius_scan_grouped_op(list(mats))
+    fro_all, nbad = ops.call(ops.frobenius_scan_grouped_op, list(mats))
     for i, W in enumerate(mats):
         nan, inf = nonfinite_counts(W) if int(nbad[i]) else (0, 0)
         out[i].update(nan_count=nan, inf_count=inf)
@@ -121,7 +121,7 @@ def _entropy(W: torch.Tensor, f2: float, probes: int, steps: int, exact_max_dim:
             pr = lam[lam > 0] / tot if tot > 0 else lam[:0]
             H, se, how = float(-(pr * pr.log()).sum()) if tot > 0 else 0.0, 0.0, "exact"
     else:
-        nodes, weights, dims, _ = ops.slq_gram_op(W, probes, steps, seed)
+        nodes, weights, dims, _ = ops.call(ops.slq_gram_op, W, probes, steps, seed)
         Ht, set_ = linalg._slq_entropy(nodes, weights, dims, torch.tensor(f2, dtype=torch.float64), p)
         H, se, how = float(Ht), float(set_), "slq"
     return dict(spectral_entropy=H, spectral_entropy_stderr=se, entropy_method=how,
