@@ -111,7 +111,8 @@ def _print_summary(res, out_dir, seconds):
         print(f"  {r.status}: {r.name}: {r.reason}")
     if summary.get("unconverged"):
         print(f"  {summary['unconverged']} matrices did not reach the requested tolerance (see sigma_1_error)")
-    print(f"\nresults in {out_dir}/ (audit.csv, audit.parquet, heads.csv, layers.csv, experts.csv, summary.json)")
+    files = sorted(p.name for p in Path(out_dir).iterdir() if p.suffix in (".csv", ".parquet", ".json"))
+    print(f"\nresults in {out_dir}/ ({', '.join(files)})")
 
 
 def _run_audit(args) -> int:
