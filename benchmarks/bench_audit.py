@@ -53,10 +53,12 @@ else:
     import contextlib, io, transformers
     with contextlib.redirect_stdout(io.StringIO()):   # its import prints about SciPy and CUDA
         import weightwatcher as ww
-    try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    except ValueError:  # an encoder (e.g. BERT): the bare model holds every weight of the file
-        model = transformers.AutoModel.from_pretrained(path, dtype=torch.float32)
+    archs = transformers.AutoConfig.from_pretrained(path).architectures or []
+    # a causal LM keeps its head; anything else (e.g. an encoder such as BERT) loads as the bare
+    # model, whose parameter names are those of the file
+    auto = (transformers.AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in archs)
+            else transformers.AutoModel)
+    model = auto.from_pretrained(path, dtype=torch.float32)
     t0 = time.perf_counter()   # WeightWatcher's time starts with the model in memory (its best case)
     df = ww.WeightWatcher(model=model).analyze()
     df["tensor"] = df["longname"] + ".weight"
