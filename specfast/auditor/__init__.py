@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from .engine import ALL_METRICS, DEFAULT_METRICS, AuditOptions, parse_memory, run_audit
-from .sources import CheckpointError, open_source
+from .sources import CheckpointError
 
 __all__ = ["audit", "compare", "AuditResult", "CheckpointError", "ALL_METRICS", "DEFAULT_METRICS",
            "default_model_path"]

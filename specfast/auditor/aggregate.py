@@ -3,7 +3,6 @@ and the model's Lipschitz upper bound with each matrix's share of it (docs/audit
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 
 import numpy as np
 import pandas as pd

@@ -8,8 +8,7 @@ with different shapes get a row saying so.
 from __future__ import annotations
 
 import time
-
-import torch
+from pathlib import Path
 
 from .engine import AuditOptions, ResultWriter, _groups, parse_memory
 from . import metrics as metrics_mod
@@ -32,7 +31,7 @@ def compare_checkpoints(base, tuned, *, out_dir=None, resume=False, overwrite=Fa
     try:
         meta = {"source": {"base": src_b.fingerprint(), "tuned": src_t.fingerprint()},
                 "options": {"compare": True, **opts.__dict__}}
-        writer = ResultWriter(out_dir and __import__("pathlib").Path(out_dir), meta, resume, overwrite)
+        writer = ResultWriter(Path(out_dir) if out_dir is not None else None, meta, resume, overwrite)
         hc = HeadConfig.from_config(src_t.config or src_b.config)
         brecs = {r.name: r for r in src_b.records}
         trecs = {r.name: r for r in src_t.records}

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -128,7 +128,7 @@ class ResultWriter:
         self._rows_f = open(rows_path, "a")
         self._heads_f = open(out_dir / _HEAD_FILE, "a")
 
-    def add(self, rows: list[dict], heads: bool = False):  # noqa: D401 - append and persist
+    def add(self, rows: list[dict], heads: bool = False):
         (self.heads if heads else self.rows).extend(rows)
         if not heads:
             self.done.update(r["name"] for r in rows)
@@ -207,7 +207,7 @@ class Progress:
 
 
 # ------------------------------------------------------------------------------------ the audit
-def _base_row(rec: TensorRecord, plan: TensorPlan, source: Source) -> dict:
+def _base_row(rec: TensorRecord, plan: TensorPlan) -> dict:
     return dict(name=rec.name, tensor=rec.name, role=plan.role, layer=plan.layer, expert=None,
                 shape=list(rec.shape), M=None, N=None, dtype=str(rec.dtype).replace("torch.", ""),
                 origin=os.path.basename(rec.origin) if rec.origin != "<module>" else "<module>",
@@ -247,7 +247,7 @@ def _audit_weights(source: Source, hc: HeadConfig, writer: ResultWriter, options
                               f"{rec.shares_with} (audited there)")
         if not plan.matrices:
             if rec.name not in writer.done:
-                row = _base_row(rec, plan, source)
+                row = _base_row(rec, plan)
                 if plan.role in ("norm", "bias", "vector", "scalar") and rec.dtype.is_floating_point:
                     t = rec.load()
                     row["nan_count"], row["inf_count"] = metrics_mod.nonfinite_counts(t)
