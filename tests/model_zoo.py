@@ -244,16 +244,22 @@ def make_model(arch: str, dtype: torch.dtype = torch.float32, seed: int = 0, **o
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _reinit_(model, seed)
     if dtype != torch.float32:
-        with torch.no_grad():
-            for _, p in model.named_parameters():
-                p.data = p.data.to(dtype)
-            for mod in model.modules():
-                for b_name, b in list(mod._buffers.items()):
-                    if b is not None and b.is_floating_point() and \
-                            b_name not in mod._non_persistent_buffers_set:
-                        mod._buffers[b_name] = b.to(dtype)
-        model.config.dtype = dtype
+        _cast_(model, dtype)
     return model.eval()
+
+
+def _cast_(model, dtype: torch.dtype) -> None:
+    """Cast parameters and persistent float buffers in place; non-persistent ones (rotary
+    ``inv_freq``) stay float32."""
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            p.data = p.data.to(dtype)
+        for mod in model.modules():
+            for b_name, b in list(mod._buffers.items()):
+                if b is not None and b.is_floating_point() and \
+                        b_name not in mod._non_persistent_buffers_set:
+                    mod._buffers[b_name] = b.to(dtype)
+    model.config.dtype = dtype
 
 
 def _numel_bytes(t: torch.Tensor) -> int:
@@ -272,17 +278,8 @@ def save_model(model, directory: PathLike, *, shards: int = 1, dtype: Optional[t
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if dtype is not None:
-        # deepcopy + cast the same way make_model does (keeps rotary buffers in fp32).
         model = copy.deepcopy(model)
-        with torch.no_grad():
-            for _, p in model.named_parameters():
-                p.data = p.data.to(dtype)
-            for mod in model.modules():
-                for b_name, b in list(mod._buffers.items()):
-                    if b is not None and b.is_floating_point() and \
-                            b_name not in mod._non_persistent_buffers_set:
-                        mod._buffers[b_name] = b.to(dtype)
-        model.config.dtype = dtype
+        _cast_(model, dtype)
     kwargs = dict(save_original_format=original_format)
     if shards > 1:
         sd = model.state_dict()
