@@ -1,0 +1,338 @@
+"""Matrix-free spectral routines for symmetric operators given only as mat-vecs.
+
+The operators of the stability framework (J^T J, the NTK, the loss Hessian) cost a forward and a
+backward pass per product, so everything here is written to use few products and little memory:
+
+- ``eigsh``: thick-restart Lanczos (the symmetric Krylov–Schur method) with full
+  reorthogonalisation inside a basis of at most ``basis_size`` vectors. Memory is
+  (basis_size + 1) vectors whatever the number of iterations: O(k·n), never every vector of a long
+  run. Each Ritz value comes with its residual norm ‖A y − θ y‖, which certifies that an eigenvalue
+  of A lies within that distance of θ.
+- ``hutchpp``: the Hutch++ trace estimator (Meyer, Musco, Musco, Woodruff 2021) with a standard
+  error from its Hutchinson part.
+- ``slq``: stochastic Lanczos quadrature (Ubaru, Chen, Saad 2017) with the plain three-term
+  recurrence (three vectors of memory per probe), giving quadrature nodes and weights from which
+  traces of matrix functions, spectral entropies and smoothed densities are read.
+
+All routines are batched over independent operators: a mat-vec takes ``[B, n]`` and returns
+``[B, n]`` (the B problems share nothing but the call), which is how per-sample Jacobians of a whole
+batch are handled by a single forward/backward pass per product. Small projected problems are
+solved in float64; the n-vectors are kept in ``dtype`` (float32 by default, float64 on request).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+MatVec = Callable[[Tensor], Tensor]
+_WHICH = ("LA", "SA", "LM")
+
+
+def _check_int(fn: str, name: str, value, minimum: int):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{fn}: {name} must be an integer >= {minimum}; got {value!r}")
+
+
+def _rademacher(shape, dtype, device, generator) -> Tensor:
+    r = torch.randint(0, 2, shape, generator=generator, dtype=torch.int8)
+    return (r.to(dtype) * 2 - 1).to(device)
+
+
+def _gaussian(shape, dtype, device, generator) -> Tensor:
+    return torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype=dtype, device=device)
+
+
+@dataclass
+class EigResult:
+    """Ritz pairs of a batch of symmetric operators (one row per operator).
+
+    values: [B, k] float64, descending for which="LA"/"LM", ascending for which="SA".
+    residuals: [B, k] ‖A y − θ y‖ for the unit Ritz vector y: an eigenvalue of A lies in
+        [θ − r, θ + r] (Weyl/Bauer–Fike for symmetric A).
+    converged: [B, k] bool, residual <= tol · (largest |Ritz value| seen).
+    vectors: [B, k, n] Ritz vectors when asked for, else None.
+    matvecs: operator products used (each one a call on the whole batch).
+    """
+
+    values: Tensor
+    residuals: Tensor
+    converged: Tensor
+    matvecs: int
+    restarts: int
+    basis_size: int
+    vectors: Tensor | None = None
+
+
+def _orthogonalize(V: Tensor, w: Tensor) -> Tensor:
+    """Two classical Gram–Schmidt passes of w [B, n] against the rows of V [B, j, n]; returns the
+    coefficients (float64) and leaves w orthogonal to V."""
+    h = torch.einsum("bjn,bn->bj", V, w)
+    w -= torch.einsum("bjn,bj->bn", V, h)
+    h2 = torch.einsum("bjn,bn->bj", V, w)
+    w -= torch.einsum("bjn,bj->bn", V, h2)
+    return (h + h2).to(torch.float64)
+
+
+def _fresh_direction(V: Tensor, rows: Tensor, generator, dtype) -> Tensor:
+    """A random unit vector orthogonal to V (for the rows that broke down)."""
+    B, j, n = V.shape
+    w = _gaussian((B, n), dtype, V.device, generator)
+    _orthogonalize(V, w)
+    w /= w.norm(dim=1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+    return w
+
+
+def eigsh(matvec: MatVec, n: int, k: int, *, batch: int = 1, which: str = "LA", tol: float = 1e-4,
+          max_matvecs: int = 300, basis_size: int | None = None, dtype: torch.dtype = torch.float32,
+          device=None, generator: torch.Generator | None = None, return_vectors: bool = False) -> EigResult:
+    """k extreme eigenpairs of B symmetric n×n operators by thick-restart Lanczos.
+
+    which: "LA" largest algebraic, "SA" smallest algebraic (e.g. the most negative Hessian
+    eigenvalues, or λ_min of a PSD operator), "LM" largest magnitude.
+    tol: relative residual target, ‖A y − θ y‖ <= tol · max|θ|.
+    max_matvecs: budget of operator products; unconverged pairs are returned flagged.
+    basis_size: Krylov basis kept in memory (default max(2k + 6, 16), at most n).
+    """
+    fn = "eigsh"
+    _check_int(fn, "n", n, 1)
+    _check_int(fn, "k", k, 1)
+    _check_int(fn, "batch", batch, 1)
+    _check_int(fn, "max_matvecs", max_matvecs, 1)
+    if k > n:
+        raise ValueError(f"{fn}: k must be <= n = {n}; got k={k}")
+    if which not in _WHICH:
+        raise ValueError(f"{fn}: which must be one of {_WHICH}; got {which!r}")
+    if not (isinstance(tol, (int, float)) and 0 < tol < 1):
+        raise ValueError(f"{fn}: tol must be in (0, 1); got {tol!r}")
+    m = basis_size if basis_size is not None else max(2 * k + 6, 16)
+    _check_int(fn, "basis_size", m, k + 1 if n > k else k)
+    m = min(m, n)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    B = batch
+    V = torch.empty(B, m + 1, n, dtype=dtype, device=device)
+    v0 = _gaussian((B, n), dtype, device, generator)
+    V[:, 0] = v0 / v0.norm(dim=1, keepdim=True)
+    T = torch.zeros(B, m, m, dtype=torch.float64)
+    kept, matvecs, restarts = 0, 0, 0
+    scale = torch.zeros(B, dtype=torch.float64)   # largest |Ritz value| seen: the tolerance's unit
+    tiny = torch.finfo(dtype).eps
+    while True:
+        beta = torch.zeros(B, dtype=torch.float64)
+        for i in range(kept, m):
+            w = matvec(V[:, i]).to(dtype)
+            if w.shape != (B, n):
+                raise ValueError(f"{fn}: matvec must return shape {(B, n)}; got {tuple(w.shape)}")
+            matvecs += 1
+            h = _orthogonalize(V[:, : i + 1], w).cpu()
+            T[:, : i + 1, i] = h
+            T[:, i, : i + 1] = h
+            beta = w.norm(dim=1).to(torch.float64).cpu()
+            scale = torch.maximum(scale, T[:, : i + 1, : i + 1].abs().sum(-1).amax(-1))
+            # Breakdown (an invariant subspace was found, e.g. a rank-deficient operator): continue
+            # with a fresh direction orthogonal to the basis; its coupling to the basis is zero.
+            broke = beta <= 10 * tiny * scale.clamp_min(1e-300)
+            if i + 1 <= m:
+                V[:, i + 1] = w / beta.clamp_min(1e-300).to(dtype=dtype, device=device)[:, None]
+                if bool(broke.any()) and i + 1 < n:
+                    idx = broke.nonzero().flatten().to(device)
+                    V[idx, i + 1] = _fresh_direction(V[idx, : i + 1], idx, generator, dtype)
+                beta = torch.where(broke, torch.zeros_like(beta), beta)
+        theta, S = torch.linalg.eigh(T)
+        res_all = (beta[:, None] * S[:, m - 1, :]).abs()
+        order = _order(theta, which)
+        keep = min(m - 1, k + (m - k) // 2) if m > k else k
+        idx = order[:, :k]
+        vals = theta.gather(1, idx)
+        res = res_all.gather(1, idx)
+        scale = torch.maximum(scale, theta.abs().amax(1))
+        conv = res <= tol * scale[:, None] + 1e-300
+        done = bool(conv.all()) or matvecs + (m - keep) > max_matvecs or m == n
+        if done:
+            vectors = None
+            if return_vectors:
+                Sk = S.gather(2, idx[:, None, :].expand(B, m, k)).to(dtype=dtype, device=device)
+                vectors = torch.einsum("bmk,bmn->bkn", Sk, V[:, :m])
+            return EigResult(vals, res, conv, matvecs, restarts, m, vectors)
+        # Thick restart: keep the `keep` best Ritz vectors and the residual direction; the projected
+        # matrix becomes diag(θ) bordered by the residual couplings β·S[m-1, j].
+        sel = order[:, :keep]
+        Ssel = S.gather(2, sel[:, None, :].expand(B, m, keep))
+        _rotate_rows(V, Ssel.to(dtype=dtype, device=device), m, keep)
+        V[:, keep] = V[:, m]
+        T.zero_()
+        ar = torch.arange(keep)
+        T[:, ar, ar] = theta.gather(1, sel)
+        b = beta[:, None] * Ssel[:, m - 1, :]
+        T[:, keep, :keep] = b
+        T[:, :keep, keep] = b
+        kept = keep
+        restarts += 1
+
+
+def _order(theta: Tensor, which: str) -> Tensor:
+    if which == "LA":
+        return theta.argsort(dim=1, descending=True)
+    if which == "SA":
+        return theta.argsort(dim=1)
+    return theta.abs().argsort(dim=1, descending=True)
+
+
+def _rotate_rows(V: Tensor, S: Tensor, m: int, keep: int, chunk: int = 1 << 20):
+    """V[:, :keep] <- S^T V[:, :m] in place, a column chunk at a time so the extra memory is one
+    chunk rather than `keep` more n-vectors."""
+    n = V.shape[2]
+    for c0 in range(0, n, chunk):
+        blk = V[:, :m, c0: c0 + chunk].clone()
+        V[:, :keep, c0: c0 + chunk] = torch.einsum("bmk,bmn->bkn", S, blk)
+
+
+@dataclass
+class TraceEstimate:
+    """value: [B] estimate of tr(A); stderr: [B] standard error of its random part (0 when the
+    sketch captured the operator exactly); matvecs: products used."""
+
+    value: Tensor
+    stderr: Tensor
+    matvecs: int
+
+
+def hutchpp(matvec: MatVec, n: int, *, batch: int = 1, num_matvecs: int = 30,
+            dtype: torch.dtype = torch.float32, device=None,
+            generator: torch.Generator | None = None) -> TraceEstimate:
+    """tr(A) by Hutch++: a rank-s sketch Q = orth(A S) takes the top of the spectrum exactly and
+    Hutchinson with s Rademacher probes estimates the trace of the deflated rest,
+    tr(A) ≈ tr(QᵀAQ) + (1/s) Σ gᵢᵀ(I−QQᵀ)A(I−QQᵀ)gᵢ, with s = num_matvecs / 3.
+    When n <= num_matvecs the trace is computed exactly from the n unit vectors."""
+    fn = "hutchpp"
+    _check_int(fn, "n", n, 1)
+    _check_int(fn, "num_matvecs", num_matvecs, 3)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    B = batch
+    if n <= num_matvecs:
+        total = torch.zeros(B, dtype=torch.float64)
+        for j in range(n):
+            e = torch.zeros(B, n, dtype=dtype, device=device)
+            e[:, j] = 1
+            total += matvec(e)[:, j].to(torch.float64).cpu()
+        return TraceEstimate(total, torch.zeros(B, dtype=torch.float64), n)
+    s = num_matvecs // 3
+    S = _rademacher((B, s, n), dtype, device, generator)
+    AS = torch.stack([matvec(S[:, j]).to(dtype) for j in range(s)], dim=1)
+    del S
+    Q = torch.linalg.qr(AS.transpose(1, 2).to(torch.float64)).Q.transpose(1, 2).to(dtype)
+    del AS
+    AQ = torch.stack([matvec(Q[:, j]).to(dtype) for j in range(s)], dim=1)
+    top = torch.einsum("bjn,bjn->b", Q.double(), AQ.double()).cpu()
+    del AQ
+    samples = torch.empty(B, s, dtype=torch.float64)
+    for j in range(s):
+        g = _rademacher((B, n), dtype, device, generator)
+        g -= torch.einsum("bjn,bj->bn", Q, torch.einsum("bjn,bn->bj", Q, g))
+        samples[:, j] = (g.double() * matvec(g).double()).sum(1).cpu()
+    value = top + samples.mean(1)
+    stderr = samples.std(1) / math.sqrt(s) if s > 1 else torch.full((B,), float("inf"), dtype=torch.float64)
+    return TraceEstimate(value, stderr, 3 * s)
+
+
+@dataclass
+class Quadrature:
+    """Gauss quadrature of the spectral measure of A seen from each probe (SLQ).
+
+    nodes, weights: [B, P, s] float64 (P probes, s Lanczos steps); weights sum to 1 per probe.
+    n: operator dimension. tr f(A) ≈ n · mean_p Σ_j w_pj f(θ_pj).
+    """
+
+    nodes: Tensor
+    weights: Tensor
+    n: int
+    matvecs: int
+
+    def trace(self, f: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+        """(estimate, standard error over probes) of tr f(A), each [B]."""
+        per_probe = self.n * (self.weights * f(self.nodes)).sum(-1)
+        P = per_probe.shape[1]
+        se = per_probe.std(1) / math.sqrt(P) if P > 1 else torch.full_like(per_probe[:, 0], float("inf"))
+        return per_probe.mean(1), se
+
+    def entropy(self) -> tuple[Tensor, Tensor]:
+        """Spectral entropy of a PSD operator, H = log T − tr(A log A)/T with T = tr A, i.e.
+        −Σ pᵢ log pᵢ for pᵢ = λᵢ/Σλⱼ; with the delta-method standard error of the ratio."""
+        lam = self.nodes.clamp_min(0)
+        t = self.n * (self.weights * lam).sum(-1)                       # [B, P]
+        e = self.n * (self.weights * _xlogx(lam)).sum(-1)
+        P = t.shape[1]
+        tm, em = t.mean(1), e.mean(1)
+        H = torch.where(tm > 0, torch.log(tm.clamp_min(1e-300)) - em / tm.clamp_min(1e-300), torch.zeros_like(tm))
+        if P < 2:
+            return H, torch.full_like(H, float("inf"))
+        # H(t, e) = log t − e/t: gradient (1/t + e/t², −1/t)
+        gt = 1 / tm + em / tm**2
+        ge = -1 / tm
+        ct, ce = t - tm[:, None], e - em[:, None]
+        var = (gt[:, None] * ct + ge[:, None] * ce).pow(2).sum(1) / (P - 1) / P
+        se = torch.where(tm > 0, var.sqrt(), torch.zeros_like(tm))
+        return H, se
+
+    def density(self, grid: Tensor, bandwidth: float) -> Tensor:
+        """Gaussian-smoothed spectral density on `grid` [G], normalised to integrate to n: [B, G]."""
+        g = grid.to(torch.float64)
+        k = torch.exp(-0.5 * ((g[None, None, None, :] - self.nodes[..., None]) / bandwidth) ** 2)
+        k = k / (bandwidth * math.sqrt(2 * math.pi))
+        return self.n * (self.weights[..., None] * k).sum(2).mean(1)
+
+
+def _xlogx(x: Tensor) -> Tensor:
+    return torch.where(x > 0, x * torch.log(x.clamp_min(1e-300)), torch.zeros_like(x))
+
+
+def slq(matvec: MatVec, n: int, *, batch: int = 1, num_probes: int = 8, steps: int = 20,
+        dtype: torch.dtype = torch.float32, device=None,
+        generator: torch.Generator | None = None) -> Quadrature:
+    """Stochastic Lanczos quadrature with Rademacher probes and the plain three-term recurrence
+    (no reorthogonalisation: three n-vectors per probe; lost orthogonality duplicates Ritz values
+    but the Gauss rule still integrates polynomials of degree < 2·steps exactly in exact arithmetic
+    and stays accurate in floating point, Knizhnerman 1996). When the recurrence breaks down (the
+    probe lies in an invariant subspace) the remaining coefficients are zero and contribute nodes of
+    zero weight. Probes run one after another; each step is one call on the whole batch."""
+    fn = "slq"
+    _check_int(fn, "n", n, 1)
+    _check_int(fn, "num_probes", num_probes, 1)
+    _check_int(fn, "steps", steps, 1)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    B = batch
+    s = min(steps, n)
+    nodes = torch.empty(B, num_probes, s, dtype=torch.float64)
+    weights = torch.empty(B, num_probes, s, dtype=torch.float64)
+    tiny = torch.finfo(dtype).eps
+    matvecs = 0
+    for p in range(num_probes):
+        v = _rademacher((B, n), dtype, device, generator) / math.sqrt(n)
+        v_prev = torch.zeros_like(v)
+        alpha = torch.zeros(B, s, dtype=torch.float64)
+        beta = torch.zeros(B, s, dtype=torch.float64)
+        b_prev = torch.zeros(B, dtype=dtype, device=device)
+        alive = torch.ones(B, dtype=torch.bool, device=device)
+        scale = torch.zeros(B, dtype=torch.float64, device=device)
+        for j in range(s):
+            w = matvec(v).to(dtype)
+            matvecs += 1
+            a = (w * v).sum(1)
+            w = w - a[:, None] * v - b_prev[:, None] * v_prev
+            b = w.norm(dim=1)
+            a64 = torch.where(alive, a.double(), torch.zeros_like(a.double()))
+            scale = torch.maximum(scale, a64.abs() + b.double())
+            alive = alive & (b.double() > 10 * tiny * scale)
+            b = torch.where(alive, b, torch.zeros_like(b))
+            alpha[:, j] = a64.cpu()
+            beta[:, j] = b.double().cpu()
+            v_prev, v = v, torch.where(alive[:, None], w / b.clamp_min(1e-30)[:, None], torch.zeros_like(w))
+            b_prev = b
+        T = torch.diag_embed(alpha) + torch.diag_embed(beta[:, :-1], 1) + torch.diag_embed(beta[:, :-1], -1)
+        theta, S = torch.linalg.eigh(T)
+        nodes[:, p] = theta
+        weights[:, p] = S[:, 0, :] ** 2
+    return Quadrature(nodes, weights, n, matvecs)
