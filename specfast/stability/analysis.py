@@ -204,6 +204,7 @@ def analyze(model: nn.Module, inputs: Tensor, targets: Tensor | None = None,
                                  f"{tuple(targets.shape)}")
     _check_independent(fx, x)
     out_flat = out.reshape(B, -1).double()
+    wd = torch.float64 if out.dtype == torch.float64 else torch.float32   # Krylov working precision
     C, d = out_flat.shape[1], x[0].numel()
 
     # ---- input Jacobian, per sample
@@ -226,10 +227,10 @@ def analyze(model: nn.Module, inputs: Tensor, targets: Tensor | None = None,
         certs["input_jacobian"] = {"method": "exact (dense Jacobian, float64 SVD)", "products": rank_bound}
     else:
         mv, n = J.gram()
-        r = eigsh(mv, n, k_in, batch=B, tol=tol, max_matvecs=max_matvecs, generator=gen)
+        r = eigsh(mv, n, k_in, batch=B, tol=tol, max_matvecs=max_matvecs, generator=gen, dtype=wd)
         top, top_upper = _sv_from_gram(r.values, r.residuals)
         conv = r.converged.all(1)
-        q = slq(mv, n, batch=B, num_probes=entropy_probes, steps=entropy_steps, generator=gen)
+        q = slq(mv, n, batch=B, num_probes=entropy_probes, steps=entropy_steps, generator=gen, dtype=wd)
         frob2, frob2_se = q.trace(lambda t: t)
         H, H_se = q.entropy()
         H = H.clamp(0, math.log(rank_bound))
@@ -293,9 +294,9 @@ def analyze(model: nn.Module, inputs: Tensor, targets: Tensor | None = None,
         def hvp(v):
             t = v.reshape(x.shape).to(x.dtype)
             _, hv = _wrap("attribution (input Hessian-vector product)", lambda: jvp(g_explained, (x,), (t,)))
-            return hv.reshape(B, d).float()
+            return hv.detach().reshape(B, d).to(wd)
 
-        ra = eigsh(hvp, d, 1, batch=B, which="LM", tol=tol, max_matvecs=max_matvecs, generator=gen)
+        ra = eigsh(hvp, d, 1, batch=B, which="LM", tol=tol, max_matvecs=max_matvecs, generator=gen, dtype=wd)
         rows["explained_output"] = cls
         rows["attribution_curvature"] = ra.values[:, 0].abs()
         rows["attribution_curvature_upper"] = ra.values[:, 0].abs() + ra.residuals[:, 0]
@@ -319,7 +320,7 @@ def analyze(model: nn.Module, inputs: Tensor, targets: Tensor | None = None,
     if stage_list is not None:
         t0 = time.perf_counter()
         say(f"layers: {len(stage_list)} stages")
-        layers_df, prod, lip_global, lip_note = _layer_table(stage_list, x, out, tol, max_matvecs, gen)
+        layers_df, prod, lip_global, lip_note = _layer_table(stage_list, x, out, tol, max_matvecs, gen, wd)
         rows["product_bound"] = prod
         rows["product_tightness"] = prod / s1.clamp_min(1e-300)
         bounds.append({"name": "layer_product", "statement": "‖J_f(x)‖₂ ≤ Π_l ‖J_l(h_{l-1}(x))‖₂ (chain rule, "
@@ -332,7 +333,7 @@ def analyze(model: nn.Module, inputs: Tensor, targets: Tensor | None = None,
         if all(is_affine(s) or is_piecewise_linear_gate(s) for s in stage_list) and any(
                 is_piecewise_linear_gate(s) for s in stage_list):
             rows["linear_region_radius"] = linear_region_radius(stage_list, x, tol=tol, max_matvecs=max_matvecs,
-                                                                generator=gen)
+                                                                generator=gen, dtype=wd)
             bounds.append({"name": "linear_region", "statement": "for ‖δ‖ < r(x): f(x+δ) = f(x) + J_f(x) δ exactly and "
                            "the gradient attribution is unchanged; for any δ, ‖∇f_c(x+δ) − ∇f_c(x)‖ ≤ "
                            "N_flip(δ) · Π‖W_l‖₂ (N_flip: gate layers with a flipped gate)",
@@ -348,7 +349,7 @@ def analyze(model: nn.Module, inputs: Tensor, targets: Tensor | None = None,
         PJ = ParameterJacobian(mf, x)
         k_ntk = min(topk, n)
         if n <= exact_max_dim:
-            K = torch.stack([PJ.ntk_matvec(e[None])[0] for e in torch.eye(n)], 1).double()
+            K = torch.stack([PJ.ntk_matvec(e[None])[0] for e in torch.eye(n, dtype=wd)], 1).double()
             K = 0.5 * (K + K.T)
             ev = torch.linalg.eigvalsh(K)
             top_k, bot_k = ev.flip(0)[:k_ntk], ev[:k_ntk]
@@ -359,9 +360,9 @@ def analyze(model: nn.Module, inputs: Tensor, targets: Tensor | None = None,
             Hk, Hk_se = float(-(torch.where(pk > 0, pk * pk.clamp_min(1e-300).log(), torch.zeros_like(pk))).sum()), 0.0
             certs["ntk"] = {"method": "exact (dense K from n products, float64 eigvalsh)", "products": n}
         else:
-            rt = eigsh(PJ.ntk_matvec, n, k_ntk, which="LA", tol=tol, max_matvecs=max_matvecs, generator=gen)
-            rb = eigsh(PJ.ntk_matvec, n, k_ntk, which="SA", tol=tol, max_matvecs=max_matvecs, generator=gen)
-            q = slq(PJ.ntk_matvec, n, num_probes=entropy_probes, steps=entropy_steps, generator=gen)
+            rt = eigsh(PJ.ntk_matvec, n, k_ntk, which="LA", tol=tol, max_matvecs=max_matvecs, generator=gen, dtype=wd)
+            rb = eigsh(PJ.ntk_matvec, n, k_ntk, which="SA", tol=tol, max_matvecs=max_matvecs, generator=gen, dtype=wd)
+            q = slq(PJ.ntk_matvec, n, num_probes=entropy_probes, steps=entropy_steps, generator=gen, dtype=wd)
             top_k, bot_k = rt.values[0], rb.values[0]
             top_conv, bot_conv = bool(rt.converged[0, 0]), bool(rb.converged[0, 0])
             trv, trs = q.trace(lambda t: t)
@@ -398,9 +399,9 @@ def analyze(model: nn.Module, inputs: Tensor, targets: Tensor | None = None,
         say(f"Hessian: {mf.p} parameters")
         LH = LossHessian(mf, x, targets, loss_fn)
         k_h = min(topk, mf.p)
-        rt = eigsh(LH.matvec, mf.p, k_h, which="LA", tol=tol, max_matvecs=max_matvecs, generator=gen)
-        rb = eigsh(LH.matvec, mf.p, k_h, which="SA", tol=tol, max_matvecs=max_matvecs, generator=gen)
-        tr = hutchpp(LH.matvec, mf.p, num_matvecs=trace_matvecs, generator=gen)
+        rt = eigsh(LH.matvec, mf.p, k_h, which="LA", tol=tol, max_matvecs=max_matvecs, generator=gen, dtype=wd)
+        rb = eigsh(LH.matvec, mf.p, k_h, which="SA", tol=tol, max_matvecs=max_matvecs, generator=gen, dtype=wd)
+        tr = hutchpp(LH.matvec, mf.p, num_matvecs=trace_matvecs, generator=gen, dtype=wd)
         hmax, hmin = float(rt.values[0, 0]), float(rb.values[0, 0])
         batch.update({"loss": LH.value, "grad_norm": LH.gradient_norm, "hessian_eig_max": rt.values[0],
                       "hessian_eig_min": rb.values[0], "hessian_trace": float(tr.value[0]),
@@ -427,13 +428,13 @@ def analyze(model: nn.Module, inputs: Tensor, targets: Tensor | None = None,
 def _dense_by_jvp(J: InputJacobian) -> Tensor:
     cols = []
     for j in range(J.d):
-        e = torch.zeros(J.B, J.d)
+        e = torch.zeros(J.B, J.d, dtype=J.x.dtype)
         e[:, j] = 1
         cols.append(J.jvp(e))
     return torch.stack(cols, 2)
 
 
-def _layer_table(stage_list, x, out, tol, max_matvecs, gen):
+def _layer_table(stage_list, x, out, tol, max_matvecs, gen, wd):
     import pandas as pd
 
     B = x.shape[0]
@@ -445,7 +446,7 @@ def _layer_table(stage_list, x, out, tol, max_matvecs, gen):
         name = stage_name(stage, i)
         lip_i = activation_lipschitz(stage)
         if is_affine(stage):
-            s, s_up = operator_norm(stage, h, generator=gen)
+            s, s_up = operator_norm(stage, h, generator=gen, dtype=wd)
             local = torch.full((B,), s_up, dtype=torch.float64)
             kind, lip_i = "affine", s_up
         elif lip_i is not None:
@@ -454,7 +455,7 @@ def _layer_table(stage_list, x, out, tol, max_matvecs, gen):
             local = dgate.reshape(B, -1).abs().amax(1).double()      # ‖D_l(x)‖₂ = max |φ'(z)|
             kind = "activation"
         else:
-            _, local, _ = local_norms(stage, h, tol=tol, max_matvecs=max_matvecs, generator=gen)
+            _, local, _ = local_norms(stage, h, tol=tol, max_matvecs=max_matvecs, generator=gen, dtype=wd)
             kind = "other"
             if lip is not None:
                 lip, lip_note = None, f"stage {name} has no known global Lipschitz constant"

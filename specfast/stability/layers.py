@@ -78,7 +78,7 @@ def _affine_bias_free(stage):
 
 
 def operator_norm(stage, h: Tensor, *, tol: float = 1e-6, dense_max: int = 1 << 20,
-                  generator=None) -> tuple[float, float]:
+                  generator=None, dtype=torch.float32) -> tuple[float, float]:
     """(σ₁, certified upper bound) of an affine stage's linear part on inputs shaped like h[0]."""
     x = h[:1].detach()
     lin = _affine_bias_free(stage)
@@ -89,16 +89,17 @@ def operator_norm(stage, h: Tensor, *, tol: float = 1e-6, dense_max: int = 1 << 
         return s, s * (1 + 1e-12)
     op = InputJacobian(lin, x)
     mv, n = op.gram()
-    r = eigsh(mv, n, 1, tol=tol, max_matvecs=300, generator=generator)
+    r = eigsh(mv, n, 1, tol=tol, max_matvecs=300, generator=generator, dtype=dtype)
     lam, res = float(r.values[0, 0]), float(r.residuals[0, 0])
     return math.sqrt(max(lam, 0.0)), math.sqrt(max(lam + res, 0.0))
 
 
-def local_norms(fn, x: Tensor, *, tol: float, max_matvecs: int, generator=None) -> tuple[Tensor, Tensor, Tensor]:
+def local_norms(fn, x: Tensor, *, tol: float, max_matvecs: int, generator=None,
+                dtype=torch.float32) -> tuple[Tensor, Tensor, Tensor]:
     """Per-sample (σ₁, certified upper bound, converged) of the Jacobian of fn at each sample of x."""
     op = InputJacobian(fn, x)
     mv, n = op.gram()
-    r = eigsh(mv, n, 1, batch=op.B, tol=tol, max_matvecs=max_matvecs, generator=generator)
+    r = eigsh(mv, n, 1, batch=op.B, tol=tol, max_matvecs=max_matvecs, generator=generator, dtype=dtype)
     lam, res = r.values[:, 0], r.residuals[:, 0]
     return lam.clamp_min(0).sqrt(), (lam + res).clamp_min(0).sqrt(), r.converged[:, 0]
 
@@ -158,7 +159,8 @@ def product_form(stages, x: Tensor, *, dense_max: int = 1 << 22) -> ProductForm:
     return ProductForm(weights, gates)
 
 
-def linear_region_radius(stages, x: Tensor, *, tol: float, max_matvecs: int, generator=None) -> Tensor:
+def linear_region_radius(stages, x: Tensor, *, tol: float = 1e-6, max_matvecs: int = 300, generator=None,
+                         dtype=torch.float32) -> Tensor:
     """Per-sample certified radius r(x) of the linear region of a piecewise-linear network (affine
     stages and ReLU/LeakyReLU gates only): for ‖δ‖ < r(x) no gate changes, so f(x+δ) = f(x) + J(x)δ
     exactly and the gradient attribution is unchanged.
@@ -180,7 +182,7 @@ def linear_region_radius(stages, x: Tensor, *, tol: float, max_matvecs: int, gen
 
         with torch.no_grad():
             z = pre(x).reshape(B, -1).double()
-        _, upper, _ = local_norms(pre, x, tol=tol, max_matvecs=max_matvecs, generator=generator)
+        _, upper, _ = local_norms(pre, x, tol=tol, max_matvecs=max_matvecs, generator=generator, dtype=dtype)
         margin = z.abs().amin(1)
         r = torch.minimum(r, torch.where(upper > 0, margin / upper, torch.full_like(margin, float("inf"))))
     return r

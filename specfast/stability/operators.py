@@ -38,6 +38,11 @@ def _wrap(what: str, fn: Callable):
                              f"{str(e).splitlines()[0] if str(e) else e!r})") from e
 
 
+def _work(t: Tensor) -> Tensor:
+    """Products come back in float32, or float64 for a float64 model (half types are widened)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def flatten(tensors) -> Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
@@ -103,13 +108,14 @@ class InputJacobian:
     def jvp(self, v: Tensor) -> Tensor:
         """[B, d] -> [B, C]: J_i v_i for every sample."""
         t = v.reshape(self.x.shape).to(self.x.dtype)
-        _, jv = _wrap("input Jacobian (jvp)", lambda: jvp(self.fn, (self.x,), (t,)))
-        return jv.reshape(self.B, self.C).float()
+        with torch.no_grad():  # forward-mode only: no backward graph through the parameters
+            _, jv = _wrap("input Jacobian (jvp)", lambda: jvp(self.fn, (self.x,), (t,)))
+        return _work(jv.detach().reshape(self.B, self.C))
 
     def vjp(self, u: Tensor) -> Tensor:
         """[B, C] -> [B, d]: J_iᵀ u_i for every sample."""
         (g,) = _wrap("input Jacobian (vjp)", lambda: self._vjp(u.reshape(self.out_shape).to(self.dtype)))
-        return g.reshape(self.B, self.d).float()
+        return _work(g.detach().reshape(self.B, self.d))
 
     def gram(self):
         """(matvec, n) of the smaller Gram operator per sample: J Jᵀ on R^C or Jᵀ J on R^d."""
@@ -121,7 +127,7 @@ class InputJacobian:
         """[B, C, d] by C vjps (only for small C; used for exact spectra)."""
         rows = []
         for c in range(self.C):
-            u = torch.zeros(self.B, self.C)
+            u = torch.zeros(self.B, self.C, dtype=self.dtype)
             u[:, c] = 1
             rows.append(self.vjp(u))
         return torch.stack(rows, 1)
@@ -142,13 +148,14 @@ class ParameterJacobian:
     def jvp(self, v: Tensor) -> Tensor:
         """[p] -> [BC]"""
         t = {k: a.to(self.f.params[k].dtype) for k, a in self.f.unflatten(v).items()}
-        _, jv = _wrap("parameter Jacobian (jvp)", lambda: jvp(lambda P: self.f(P, self.x), (self.f.params,), (t,)))
-        return jv.reshape(-1).float()
+        with torch.no_grad():
+            _, jv = _wrap("parameter Jacobian (jvp)", lambda: jvp(lambda P: self.f(P, self.x), (self.f.params,), (t,)))
+        return _work(jv.detach().reshape(-1))
 
     def vjp(self, u: Tensor) -> Tensor:
         """[BC] -> [p]"""
         (g,) = _wrap("parameter Jacobian (vjp)", lambda: self._vjp(u.reshape(self.out_shape).to(self.dtype)))
-        return flatten(g[k] for k in self.f.names).float()
+        return _work(flatten(g[k] for k in self.f.names).detach())
 
     def ntk_matvec(self, u: Tensor) -> Tensor:
         """[1, BC] -> [1, BC]: K u (batched form for the Krylov routines)."""
@@ -181,4 +188,4 @@ class LossHessian:
         t = {k: a.to(self.f.params[k].dtype) for k, a in self.f.unflatten(v[0]).items()}
         _, hv = _wrap("loss Hessian (Hessian-vector product)",
                       lambda: jvp(self._grad, (self.f.params,), (t,)))
-        return flatten(hv[k] for k in self.f.names).float()[None]
+        return _work(flatten(hv[k] for k in self.f.names).detach())[None]
