@@ -1,4 +1,4 @@
-"""Command line: ``specfast info`` (also ``python -m specfast``)."""
+"""Command line: ``specfast info | audit | compare | stability`` (also ``python -m specfast``)."""
 from __future__ import annotations
 
 import argparse
@@ -146,6 +146,41 @@ def _run_audit(args) -> int:
     return 0
 
 
+def _run_stability(args) -> int:
+    import resource
+
+    import torch
+
+    from .stability import analyze
+    from .stability.sentence import load_default
+
+    torch.manual_seed(args.seed)
+    sentences = None
+    if args.sentences:
+        path = Path(args.sentences)
+        if not path.is_file():
+            raise ValueError(f"--sentences: no such file {path}")
+        sentences = [s.strip() for s in path.read_text().splitlines() if s.strip()]
+    name = Path(args.model).name if args.model else "all-MiniLM-L6-v2"
+    out = Path(args.out) if args.out else Path("specfast-stability") / name
+    t0 = time.perf_counter()
+    enc, inputs, targets, loss_fn, sents = load_default(args.model, sentences, args.batch_size)
+    print(f"stability of {name} on {len(sents)} sentences ({inputs.shape[1]} tokens, pairs of paraphrases; "
+          f"loss: in-batch ranking)", file=sys.stderr)
+    log = (lambda s: print(f"  [{time.perf_counter() - t0:6.1f} s] {s}", file=sys.stderr)) if not args.quiet else None
+    report = analyze(enc, inputs, targets, loss_fn, topk=args.topk, tol=args.tol, max_matvecs=args.max_matvecs,
+                     entropy_probes=args.entropy_probes, entropy_steps=args.entropy_steps,
+                     trace_matvecs=args.trace_matvecs, ntk=not args.no_ntk, hessian=not args.no_hessian,
+                     attribution=not args.no_attribution, seed=args.seed, log=log)
+    paths = report.save(out)
+    (out / "sentences.txt").write_text("\n".join(sents) + "\n")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB -> GiB (Linux)
+    print(report.summary())
+    print(f"\n{time.perf_counter() - t0:.1f} s, peak memory {peak:.2f} GiB; results in {out}/ "
+          f"({', '.join(p.name for p in paths)}, sentences.txt)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="specfast", description="Fast, certified spectral linear "
                                      "algebra on neural-network weights.")
@@ -160,6 +195,25 @@ def main(argv: list[str] | None = None) -> int:
     pc.add_argument("base_model", metavar="BASE")
     pc.add_argument("path", metavar="TUNED")
     _add_audit_options(pc, compare=True)
+    ps = sub.add_parser("stability", help="matrix-spectral stability report (input Jacobian, NTK, Hessian, GMSI) "
+                        "of a sentence encoder; default: the built-in all-MiniLM-L6-v2 on 32 sentences")
+    ps.add_argument("--model", metavar="DIR", help="a BERT-family Hugging Face model directory "
+                    "(default: the built-in all-MiniLM-L6-v2)")
+    ps.add_argument("--sentences", metavar="FILE", help="one sentence per line; lines 2i and 2i+1 are "
+                    "paraphrases (the ranking loss's positives); default: 16 built-in pairs")
+    ps.add_argument("--batch-size", type=int, default=32, help="sentences analysed (default 32)")
+    ps.add_argument("--out", metavar="DIR", help="results directory (default ./specfast-stability/<model>)")
+    ps.add_argument("--topk", type=int, default=5, help="eigen/singular values per operator (default 5)")
+    ps.add_argument("--tol", type=float, default=1e-3, help="Lanczos relative residual target (default 1e-3)")
+    ps.add_argument("--max-matvecs", type=int, default=100, help="products per Lanczos run (default 100)")
+    ps.add_argument("--entropy-probes", type=int, default=4, help="SLQ probes per entropy (default 4)")
+    ps.add_argument("--entropy-steps", type=int, default=15, help="SLQ Lanczos steps per probe (default 15)")
+    ps.add_argument("--trace-matvecs", type=int, default=30, help="Hutch++ products for the Hessian trace")
+    ps.add_argument("--no-ntk", action="store_true", help="skip the parameter Jacobian and NTK")
+    ps.add_argument("--no-hessian", action="store_true", help="skip the loss Hessian")
+    ps.add_argument("--no-attribution", action="store_true", help="skip the attribution curvature")
+    ps.add_argument("--seed", type=int, default=0)
+    ps.add_argument("--quiet", action="store_true", help="no progress lines")
     args = parser.parse_args(argv)
     if args.command in (None, "info"):
         print("\n".join(info_lines()))
@@ -171,6 +225,19 @@ def main(argv: list[str] | None = None) -> int:
             return _run_audit(args)
         except (CheckpointError, FileExistsError, ValueError, TypeError) as e:
             print(f"specfast {args.command}: error: {e}", file=sys.stderr)
+            return 2
+    if args.command == "stability":
+        from .stability import StabilityError
+
+        for name in ("batch_size", "topk", "max_matvecs", "entropy_probes", "entropy_steps", "trace_matvecs"):
+            if getattr(args, name) < 1:
+                print(f"specfast stability: error: --{name.replace('_', '-')} must be >= 1; got "
+                      f"{getattr(args, name)}", file=sys.stderr)
+                return 2
+        try:
+            return _run_stability(args)
+        except (StabilityError, ValueError, OSError) as e:
+            print(f"specfast stability: error: {e}", file=sys.stderr)
             return 2
     parser.print_help(sys.stderr)
     return 2

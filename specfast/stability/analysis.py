@@ -17,7 +17,7 @@ from torch.func import grad, jvp
 
 from .krylov import eigsh, hutchpp, slq
 from .layers import (activation_lipschitz, is_affine, is_piecewise_linear_gate, linear_region_radius,
-                     local_norms, operator_norm, resolve_stages, stage_name)
+                     local_norms, operator_norm, resolve_stages)
 from .operators import InputJacobian, LossHessian, ModelFunction, ParameterJacobian, StabilityError, _wrap
 
 
@@ -131,6 +131,33 @@ def _check_inputs(model, inputs, targets, loss_fn, topk):
         raise StabilityError(f"analyze: loss_fn must be callable (outputs, targets) -> scalar; got {loss_fn!r}")
     if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
         raise StabilityError(f"analyze: topk must be an integer >= 1; got {topk!r}")
+    if targets is not None and targets.is_floating_point() and not bool(torch.isfinite(targets).all()):
+        bad = (~torch.isfinite(targets)).reshape(targets.shape[0], -1).any(1).nonzero().flatten().tolist()
+        raise StabilityError(f"analyze: targets contain NaN or Inf at samples {bad[:10]}")
+
+
+def _check_options(model_kwargs, output_fn, params, options: dict, scales: dict):
+    if model_kwargs is not None and not isinstance(model_kwargs, dict):
+        raise StabilityError("analyze: model_kwargs must be a dict of keyword arguments for "
+                             f"model(inputs, **model_kwargs); got {type(model_kwargs).__name__}")
+    if output_fn is not None and not callable(output_fn):
+        raise StabilityError(f"analyze: output_fn must be callable (model output) -> Tensor; got {output_fn!r}")
+    if params is not None and not isinstance(params, dict):
+        raise StabilityError(f"analyze: params must be a dict name -> parameter (e.g. dict(model.named_parameters()));"
+                             f" got {type(params).__name__}")
+    for name, (value, minimum) in options.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise StabilityError(f"analyze: {name} must be an integer >= {minimum}; got {value!r}")
+    tol = scales.pop("tol")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 1:
+        raise StabilityError(f"analyze: tol must be in (0, 1); got {tol!r}")
+    for name, value in scales.items():
+        if value is None:
+            continue
+        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+        if not ok:
+            shown = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else repr(value)
+            raise StabilityError(f"analyze: {name} must be a positive finite number; got {shown}")
 
 
 def _check_independent(fn, x: Tensor):
@@ -178,6 +205,16 @@ def analyze(model: nn.Module, inputs: Tensor, targets: Tensor | None = None,
     import pandas as pd
 
     _check_inputs(model, inputs, targets, loss_fn, topk)
+    _check_options(model_kwargs, output_fn, params,
+                   {"max_matvecs": (max_matvecs, 1), "entropy_probes": (entropy_probes, 1),
+                    "entropy_steps": (entropy_steps, 1), "trace_matvecs": (trace_matvecs, 3),
+                    "exact_max_dim": (exact_max_dim, 0), "seed": (seed, 0)},
+                   {"tol": tol, "input_scale": input_scale, "output_scale": output_scale})
+    coupled = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    if coupled:
+        raise StabilityError(f"analyze: the samples of the batch interact: {coupled[0] or type(model).__name__} is a "
+                             "BatchNorm in training mode (it normalises with batch statistics and would update its "
+                             "running statistics); call model.eval() first")
     say = log or (lambda s: None)
     gen = torch.Generator().manual_seed(seed)
     timings, certs, bounds = {}, {}, []
@@ -186,13 +223,26 @@ def analyze(model: nn.Module, inputs: Tensor, targets: Tensor | None = None,
     mf = ModelFunction(model, model_kwargs, output_fn, params)
     fx = lambda z: mf(None, z)  # noqa: E731
     with torch.no_grad():
-        out = _wrap("forward", lambda: fx(x))
+        try:
+            out = fx(x)
+        except StabilityError:
+            raise
+        except Exception as e:
+            raise StabilityError(f"analyze: model(inputs, **model_kwargs) failed for inputs of shape {tuple(x.shape)}, "
+                                 f"dtype {x.dtype}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    if not out.is_floating_point():
+        raise StabilityError(f"analyze: the model output must be floating point; got dtype {out.dtype}")
     if out.dim() == 0 or out.shape[0] != B:
         raise StabilityError(f"analyze: the model output must have the batch size {B} as its first dimension; "
                              f"got shape {tuple(out.shape)}")
     if not bool(torch.isfinite(out).all()):
         bad = (~torch.isfinite(out)).reshape(B, -1).any(1).nonzero().flatten().tolist()
         raise StabilityError(f"analyze: the model output has NaN or Inf at samples {bad[:10]}")
+    C_out = out[0].numel()
+    class_targets = targets is not None and not targets.is_floating_point() and targets.dim() == 1
+    if class_targets and loss_fn is None and (int(targets.min()) < 0 or int(targets.max()) >= C_out):
+        raise StabilityError(f"analyze: class targets must lie in [0, {C_out}); got range "
+                             f"[{int(targets.min())}, {int(targets.max())}]")
     if loss_fn is None and targets is not None:
         if not targets.is_floating_point() and targets.dim() == 1:
             loss_fn = default_loss
@@ -261,9 +311,10 @@ def analyze(model: nn.Module, inputs: Tensor, targets: Tensor | None = None,
         s_out = float(targets.reshape(B, -1).double().pow(2).sum(1).mean().sqrt())
     else:
         s_out = 1.0
-    for name, v in (("input_scale", s_in), ("output_scale", s_out)):
+    for name, v, what in (("input_scale", s_in, "inputs"), ("output_scale", s_out, "targets")):
         if not (v > 0 and math.isfinite(v)):
-            raise StabilityError(f"analyze: {name} must be a positive finite number; got {v} (pass {name}=)")
+            raise StabilityError(f"analyze: {name} (default: the RMS norm of the {what}) must be positive and finite; "
+                                 f"got {v} (pass {name}=)")
     theta = mf.theta().double()
     theta_norm = float(theta.norm())
     components = {"forward": float(s1_upper.max()) * s_in / s_out, "parameter": None, "ntk": None, "curvature": None}
@@ -277,13 +328,9 @@ def analyze(model: nn.Module, inputs: Tensor, targets: Tensor | None = None,
     # ---- attribution: curvature of the explained output (smooth nets)
     if attribution:
         t0 = time.perf_counter()
-        if targets is not None and not targets.is_floating_point() and targets.dim() == 1 and C > 1:
-            cls = targets.long()
-        else:
-            cls = out_flat.argmax(1)
-        if int(cls.min()) < 0 or int(cls.max()) >= C:
-            raise StabilityError(f"analyze: class targets must lie in [0, {C}); got range "
-                                 f"[{int(cls.min())}, {int(cls.max())}]")
+        # the class target with the default cross-entropy loss (targets are classes of the outputs);
+        # otherwise (custom losses, regression) the largest output
+        cls = targets.long() if class_targets and loss_fn is default_loss else out_flat.argmax(1)
         say("attribution: input Hessian of the explained output")
 
         def explained(z):
@@ -309,7 +356,7 @@ def analyze(model: nn.Module, inputs: Tensor, targets: Tensor | None = None,
 
     # ---- layers: per-stage local norms, the product bound, global Lipschitz, linear regions
     layers_df, layers_note = None, ""
-    stage_list = resolve_stages(model, stages)
+    stage_names, stage_list = resolve_stages(model, stages)
     if stage_list is None:
         layers_note = ("not computed: pass stages= (callables whose composition is the model) or use an "
                        "nn.Sequential / a module with stability_stages()")
@@ -320,7 +367,7 @@ def analyze(model: nn.Module, inputs: Tensor, targets: Tensor | None = None,
     if stage_list is not None:
         t0 = time.perf_counter()
         say(f"layers: {len(stage_list)} stages")
-        layers_df, prod, lip_global, lip_note = _layer_table(stage_list, x, out, tol, max_matvecs, gen, wd)
+        layers_df, prod, lip_global, lip_note = _layer_table(stage_names, stage_list, x, out, tol, max_matvecs, gen, wd)
         rows["product_bound"] = prod
         rows["product_tightness"] = prod / s1.clamp_min(1e-300)
         bounds.append({"name": "layer_product", "statement": "‖J_f(x)‖₂ ≤ Π_l ‖J_l(h_{l-1}(x))‖₂ (chain rule, "
@@ -374,21 +421,28 @@ def analyze(model: nn.Module, inputs: Tensor, targets: Tensor | None = None,
                             "top_residuals": rt.residuals[0], "bottom_residuals": rb.residuals[0],
                             "top_converged": rt.converged[0], "bottom_converged": rb.converged[0]}
         lmax, lmin = float(top_k[0]), float(bot_k[0])
-        lmin_pos = lmin if lmin > 1e-12 * max(lmax, 1e-300) else 0.0
-        cond = lmax / lmin_pos if lmin_pos > 0 else float("inf")
+        # eigenvalues below the products' rounding level count as zero (K singular, e.g. BC > p)
+        rank_tol = math.sqrt(n) * torch.finfo(wd).eps * max(lmax, 0.0)
+        lmin_pos = lmin if lmin > rank_tol else 0.0
+        cond = lmax / lmin_pos if lmin_pos > 0 else (float("inf") if lmax > 0 else float("nan"))
         batch.update({"ntk_dim": n, "ntk_eig_max": top_k, "ntk_eig_min": bot_k, "ntk_eig_max_converged": top_conv,
                       "ntk_eig_min_converged": bot_conv, "ntk_condition": cond, "ntk_trace": tr, "ntk_trace_se": tr_se,
                       "ntk_entropy": Hk, "ntk_entropy_se": Hk_se, "ntk_effective_rank": math.exp(Hk),
                       "param_jacobian_norm": math.sqrt(max(lmax, 0.0)),
                       "ntk_max_stable_lr": 2.0 / lmax if lmax > 0 else float("inf"),
                       "label_noise_param_gain": 1.0 / math.sqrt(lmin_pos) if lmin_pos > 0 else float("inf"),
-                      "label_noise_output_gain": cond})
+                      "label_noise_output_gain": math.sqrt(cond)})
         components["parameter"] = math.sqrt(max(lmax, 0.0)) / math.sqrt(B) * theta_norm / s_out
-        components["ntk"] = cond
-        bounds.append({"name": "label_noise", "statement": "linearised training on ½‖f(X) − Y‖² (gradient flow or GD "
-                       "with η < 2/λ_max(K)): labels Y+ξ move θ by at most ‖ξ‖/√λ_min(K) and batch outputs at "
-                       "x_i ∈ X by at most ‖ξ‖, outputs at any x by ‖K(x,X)‖₂ ‖ξ‖/λ_min(K) ≤ κ(K) ‖ξ‖ for x ∈ X",
-                       "constants": {"param_gain": batch["label_noise_param_gain"], "condition": cond}})
+        if lmax > 0:
+            components["ntk"] = cond
+        else:
+            batch["ntk_note"] = "K = 0: the outputs do not depend on the parameters; κ(K) is undefined"
+        bounds.append({"name": "label_noise", "statement": "linearised training on ½‖f(X) − Y‖² from θ₀ (gradient flow, "
+                       "or GD with η < 2/λ_max(K)) with K full rank: labels Y+ξ instead of Y move the limit θ by "
+                       "‖Δθ‖ = √(ξᵀK⁻¹ξ) ≤ ‖ξ‖/√λ_min(K), the batch outputs by exactly ξ, and the output at any x "
+                       "by at most ‖J_θ(x)‖₂ ‖ξ‖/√λ_min(K) (≤ √κ(K) ‖ξ‖ where ‖J_θ(x)‖₂ ≤ ‖J_θ(X)‖₂)",
+                       "constants": {"param_gain": batch["label_noise_param_gain"],
+                                     "output_gain": batch["label_noise_output_gain"]}})
         bounds.append({"name": "ntk_step_size", "statement": "gradient descent on the linearised model with the "
                        "summed loss ½‖f(X) − Y‖² converges iff η < 2/λ_max(K)", "constant": batch["ntk_max_stable_lr"]})
         timings["ntk"] = time.perf_counter() - t0
@@ -398,6 +452,9 @@ def analyze(model: nn.Module, inputs: Tensor, targets: Tensor | None = None,
         t0 = time.perf_counter()
         say(f"Hessian: {mf.p} parameters")
         LH = LossHessian(mf, x, targets, loss_fn)
+        if not (math.isfinite(LH.value) and math.isfinite(LH.gradient_norm)):
+            raise StabilityError(f"analyze: loss_fn returned {LH.value} (gradient norm {LH.gradient_norm}) at the given "
+                                 "outputs and targets; the loss and its gradient must be finite")
         k_h = min(topk, mf.p)
         rt = eigsh(LH.matvec, mf.p, k_h, which="LA", tol=tol, max_matvecs=max_matvecs, generator=gen, dtype=wd)
         rb = eigsh(LH.matvec, mf.p, k_h, which="SA", tol=tol, max_matvecs=max_matvecs, generator=gen, dtype=wd)
@@ -417,6 +474,10 @@ def analyze(model: nn.Module, inputs: Tensor, targets: Tensor | None = None,
                        "gradient descent iff η < 2/λ_max(H)", "constant": batch["hessian_max_stable_lr"]})
         timings["hessian"] = time.perf_counter() - t0
     gmsi = sum(math.log10(max(v, 1.0)) for v in components.values() if v is not None)
+    bounds.append({"name": "gmsi", "statement": "every component c_k ≤ 10^GMSI, hence: to first order at each analysed "
+                   "sample ‖f(x_i+δ) − f(x_i)‖/s_out ≤ 10^GMSI ‖δ‖/s_in; RMS over the batch ‖J_θ Δθ‖/(√B s_out) ≤ "
+                   "10^GMSI ‖Δθ‖/‖θ‖; |Δθᵀ H Δθ| ≤ 10^(2 GMSI) s_out² (‖Δθ‖/‖θ‖)²; κ(K) ≤ 10^GMSI",
+                   "constant": 10.0 ** gmsi})
     per_sample = pd.DataFrame({k: (v.tolist() if isinstance(v, Tensor) else v) for k, v in rows.items()})
     return StabilityReport(gmsi, components, {"input_scale": s_in, "output_scale": s_out, "theta_norm": theta_norm},
                            per_sample, batch, layers_df, layers_note, certs, bounds, timings,
@@ -434,7 +495,7 @@ def _dense_by_jvp(J: InputJacobian) -> Tensor:
     return torch.stack(cols, 2)
 
 
-def _layer_table(stage_list, x, out, tol, max_matvecs, gen, wd):
+def _layer_table(stage_names, stage_list, x, out, tol, max_matvecs, gen, wd):
     import pandas as pd
 
     B = x.shape[0]
@@ -443,31 +504,50 @@ def _layer_table(stage_list, x, out, tol, max_matvecs, gen, wd):
     lip, lip_note = 1.0, ""
     recs = []
     for i, stage in enumerate(stage_list):
-        name = stage_name(stage, i)
-        lip_i = activation_lipschitz(stage)
-        if is_affine(stage):
-            s, s_up = operator_norm(stage, h, generator=gen, dtype=wd)
-            local = torch.full((B,), s_up, dtype=torch.float64)
-            kind, lip_i = "affine", s_up
-        elif lip_i is not None:
+        name = stage_names[i]
+        try:
+            rec, local, lip_i, other = _stage_row(stage, name, i, h, tol, max_matvecs, gen, wd)
             with torch.no_grad():
-                _, dgate = jvp(stage, (h,), (torch.ones_like(h),))
-            local = dgate.reshape(B, -1).abs().amax(1).double()      # ‖D_l(x)‖₂ = max |φ'(z)|
-            kind = "activation"
-        else:
-            _, local, _ = local_norms(stage, h, tol=tol, max_matvecs=max_matvecs, generator=gen, dtype=wd)
-            kind = "other"
-            if lip is not None:
-                lip, lip_note = None, f"stage {name} has no known global Lipschitz constant"
+                h_next = stage(h)
+        except StabilityError:
+            raise
+        except Exception as e:
+            raise StabilityError(f"analyze: stage {name} failed on an input of shape {tuple(h.shape)}: "
+                                 f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; stages must "
+                                 "compose to the model") from e
+        if other and lip is not None:
+            lip, lip_note = None, f"stage {name} has no known global Lipschitz constant"
         if lip is not None and lip_i is not None:
             lip *= lip_i
         prod = prod * local
-        recs.append({"stage": i, "name": name, "kind": kind, "local_norm_median": float(local.median()),
-                     "local_norm_max": float(local.max()), "global_lipschitz": lip_i})
-        with torch.no_grad():
-            h = stage(h)
-    if h.shape != out.shape or not torch.allclose(h.double(), out.double(), rtol=1e-4, atol=1e-5 * float(out.abs().max() + 1)):
-        raise StabilityError("analyze: the composition of the stages does not reproduce the model output "
-                             f"(max difference {float((h.double() - out.double()).abs().max()) if h.shape == out.shape else 'shape ' + str(tuple(h.shape))}); "
-                             "stages must compose to the model")
+        recs.append(rec)
+        h = h_next
+    if h.shape != out.shape:
+        raise StabilityError(f"analyze: the composition of the stages gives shape {tuple(h.shape)}, the model output "
+                             f"{tuple(out.shape)}; stages must compose to the model")
+    if not torch.allclose(h.double(), out.double(), rtol=1e-4, atol=1e-5 * float(out.abs().max() + 1)):
+        raise StabilityError("analyze: the composition of the stages does not reproduce the model output (max "
+                             f"difference {float((h.double() - out.double()).abs().max()):.3g}); stages must compose "
+                             "to the model")
     return pd.DataFrame(recs), prod, lip, lip_note
+
+
+def _stage_row(stage, name, i, h, tol, max_matvecs, gen, wd):
+    """(table row, per-sample local norm, global Lipschitz constant or None, is 'other' kind)."""
+    B = h.shape[0]
+    lip_i = activation_lipschitz(stage)
+    if is_affine(stage):
+        s, s_up = operator_norm(stage, h, generator=gen, dtype=wd)
+        local = torch.full((B,), s_up, dtype=torch.float64)
+        kind, lip_i = "affine", s_up
+    elif lip_i is not None:
+        with torch.no_grad():
+            _, dgate = jvp(stage, (h,), (torch.ones_like(h),))
+        local = dgate.reshape(B, -1).abs().amax(1).double()      # ‖D_l(x)‖₂ = max |φ'(z)|
+        kind = "activation"
+    else:
+        _, local, _ = local_norms(stage, h, tol=tol, max_matvecs=max_matvecs, generator=gen, dtype=wd)
+        kind = "other"
+    rec = {"stage": i, "name": name, "kind": kind, "local_norm_median": float(local.median()),
+           "local_norm_max": float(local.max()), "global_lipschitz": lip_i}
+    return rec, local, lip_i, kind == "other"

@@ -37,6 +37,17 @@ def _check_int(fn: str, name: str, value, minimum: int):
         raise ValueError(f"{fn}: {name} must be an integer >= {minimum}; got {value!r}")
 
 
+def _product(fn: str, matvec: MatVec, v: Tensor, count: int, dtype) -> Tensor:
+    """matvec(v) checked: same shape as v, finite (a NaN would otherwise surface deep in eigh)."""
+    w = matvec(v)
+    if not isinstance(w, Tensor) or w.shape != v.shape:
+        got = tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__
+        raise ValueError(f"{fn}: matvec must return shape {tuple(v.shape)}; got {got}")
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError(f"{fn}: matvec returned NaN or Inf (product {count + 1})")
+    return w.to(dtype)
+
+
 def _rademacher(shape, dtype, device, generator) -> Tensor:
     r = torch.randint(0, 2, shape, generator=generator, dtype=torch.int8)
     return (r.to(dtype) * 2 - 1).to(device)
@@ -123,9 +134,7 @@ def eigsh(matvec: MatVec, n: int, k: int, *, batch: int = 1, which: str = "LA", 
     while True:
         beta = torch.zeros(B, dtype=torch.float64)
         for i in range(kept, m):
-            w = matvec(V[:, i]).to(dtype)
-            if w.shape != (B, n):
-                raise ValueError(f"{fn}: matvec must return shape {(B, n)}; got {tuple(w.shape)}")
+            w = _product(fn, matvec, V[:, i], matvecs, dtype)
             matvecs += 1
             h = _orthogonalize(V[:, : i + 1], w).cpu()
             T[:, : i + 1, i] = h
@@ -210,6 +219,7 @@ def hutchpp(matvec: MatVec, n: int, *, batch: int = 1, num_matvecs: int = 30,
     fn = "hutchpp"
     _check_int(fn, "n", n, 1)
     _check_int(fn, "num_matvecs", num_matvecs, 3)
+    _check_int(fn, "batch", batch, 1)
     device = torch.device(device) if device is not None else torch.device("cpu")
     B = batch
     if n <= num_matvecs:
@@ -217,22 +227,29 @@ def hutchpp(matvec: MatVec, n: int, *, batch: int = 1, num_matvecs: int = 30,
         for j in range(n):
             e = torch.zeros(B, n, dtype=dtype, device=device)
             e[:, j] = 1
-            total += matvec(e)[:, j].to(torch.float64).cpu()
+            total += _product(fn, matvec, e, j, dtype)[:, j].to(torch.float64).cpu()
         return TraceEstimate(total, torch.zeros(B, dtype=torch.float64), n)
     s = num_matvecs // 3
-    S = _rademacher((B, s, n), dtype, device, generator)
-    AS = torch.stack([matvec(S[:, j]).to(dtype) for j in range(s)], dim=1)
-    del S
-    Q = torch.linalg.qr(AS.transpose(1, 2).to(torch.float64)).Q.transpose(1, 2).to(dtype)
-    del AS
-    AQ = torch.stack([matvec(Q[:, j]).to(dtype) for j in range(s)], dim=1)
-    top = torch.einsum("bjn,bjn->b", Q.double(), AQ.double()).cpu()
-    del AQ
+    # Sketch Q = orth(A S), built in place: memory s·n numbers (plus one product in flight).
+    Q = torch.empty(B, s, n, dtype=dtype, device=device)
+    for j in range(s):
+        Q[:, j] = _product(fn, matvec, _rademacher((B, n), dtype, device, generator), j, dtype)
+    for j in range(s):
+        q = Q[:, j]
+        scale = q.norm(dim=1)
+        _orthogonalize(Q[:, :j], q)
+        norm = q.norm(dim=1, keepdim=True)
+        # a direction the earlier ones already span (A of low rank) contributes nothing
+        q.mul_(torch.where(norm[:, 0] > 1e3 * torch.finfo(dtype).eps * scale.clamp_min(1e-300),
+                           1 / norm[:, 0].clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(norm[:, 0]))[:, None])
+    top = torch.zeros(B, dtype=torch.float64)
+    for j in range(s):
+        top += (Q[:, j].double() * _product(fn, matvec, Q[:, j], s + j, dtype).double()).sum(1).cpu()
     samples = torch.empty(B, s, dtype=torch.float64)
     for j in range(s):
         g = _rademacher((B, n), dtype, device, generator)
-        g -= torch.einsum("bjn,bj->bn", Q, torch.einsum("bjn,bn->bj", Q, g))
-        samples[:, j] = (g.double() * matvec(g).double()).sum(1).cpu()
+        _orthogonalize(Q, g)
+        samples[:, j] = (g.double() * _product(fn, matvec, g, 2 * s + j, dtype).double()).sum(1).cpu()
     value = top + samples.mean(1)
     stderr = samples.std(1) / math.sqrt(s) if s > 1 else torch.full((B,), float("inf"), dtype=torch.float64)
     return TraceEstimate(value, stderr, 3 * s)
@@ -302,6 +319,7 @@ def slq(matvec: MatVec, n: int, *, batch: int = 1, num_probes: int = 8, steps: i
     _check_int(fn, "n", n, 1)
     _check_int(fn, "num_probes", num_probes, 1)
     _check_int(fn, "steps", steps, 1)
+    _check_int(fn, "batch", batch, 1)
     device = torch.device(device) if device is not None else torch.device("cpu")
     B = batch
     s = min(steps, n)
@@ -318,7 +336,7 @@ def slq(matvec: MatVec, n: int, *, batch: int = 1, num_probes: int = 8, steps: i
         alive = torch.ones(B, dtype=torch.bool, device=device)
         scale = torch.zeros(B, dtype=torch.float64, device=device)
         for j in range(s):
-            w = matvec(v).to(dtype)
+            w = _product(fn, matvec, v, matvecs, dtype)
             matvecs += 1
             a = (w * v).sum(1)
             w = w - a[:, None] * v - b_prev[:, None] * v_prev

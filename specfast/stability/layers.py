@@ -52,22 +52,32 @@ def is_piecewise_linear_gate(stage) -> bool:
 
 
 def stage_name(stage, i: int) -> str:
-    return f"{i}:{type(stage).__name__}"
+    name = type(stage).__name__ if isinstance(stage, nn.Module) else getattr(stage, "__name__", type(stage).__name__)
+    return f"{i}:{name}"
 
 
 def resolve_stages(model: nn.Module, stages):
-    """The stage list: given, or a Sequential's children, or model.stability_stages(); None if unknown."""
-    if stages is not None:
+    """(names, callables) of the stages: given, or an nn.Sequential's children, or
+    model.stability_stages(); (None, None) if unknown. Stages may be given as callables or as
+    (name, callable) pairs."""
+    if stages is None:
+        if isinstance(model, nn.Sequential):
+            stages = list(model.named_children())
+        elif hasattr(model, "stability_stages"):
+            stages = list(model.stability_stages())
+        else:
+            return None, None
+    try:
         stages = list(stages)
-        if not stages or not all(callable(s) for s in stages):
-            raise StabilityError("analyze: stages must be a non-empty list of callables whose composition is "
-                                 f"the model; got {stages!r}")
-        return stages
-    if isinstance(model, nn.Sequential):
-        return list(model)
-    if hasattr(model, "stability_stages"):
-        return list(model.stability_stages())
-    return None
+    except TypeError:
+        raise StabilityError("analyze: stages must be a list of callables (or (name, callable) pairs) whose "
+                             f"composition is the model; got {stages!r}") from None
+    pairs = [s if isinstance(s, tuple) and len(s) == 2 and isinstance(s[0], str) else (None, s) for s in stages]
+    if not pairs or not all(callable(f) for _, f in pairs):
+        raise StabilityError("analyze: stages must be a non-empty list of callables (or (name, callable) pairs) "
+                             f"whose composition is the model; got {stages!r}")
+    names = [f"{i}:{n}" if n is not None else stage_name(f, i) for i, (n, f) in enumerate(pairs)]
+    return names, [f for _, f in pairs]
 
 
 def _affine_bias_free(stage):
@@ -84,7 +94,7 @@ def operator_norm(stage, h: Tensor, *, tol: float = 1e-6, dense_max: int = 1 << 
     lin = _affine_bias_free(stage)
     out_numel = lin(x).numel()
     if out_numel * x.numel() <= dense_max:
-        M = jacrev(lin)(x).reshape(out_numel, x.numel()).double()
+        M = jacrev(lin)(x).detach().reshape(out_numel, x.numel()).double()
         s = float(torch.linalg.matrix_norm(M, ord=2)) if M.numel() else 0.0
         return s, s * (1 + 1e-12)
     op = InputJacobian(lin, x)

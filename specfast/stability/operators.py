@@ -61,6 +61,11 @@ class ModelFunction:
         self.output_fn = output_fn
         if params is None:
             params = {k: v for k, v in model.named_parameters() if v.requires_grad}
+        known = dict(model.named_parameters())
+        unknown = [k for k in params if k not in known]
+        if unknown:
+            raise StabilityError(f"analyze: params names {unknown[:5]}, which are not parameters of the model "
+                                 f"(parameters: {', '.join(list(known)[:10])}{', …' if len(known) > 10 else ''})")
         self.params = {k: v.detach() for k, v in params.items()}
         self.names = list(self.params)
         self.shapes = [v.shape for v in self.params.values()]

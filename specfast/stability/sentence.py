@@ -52,11 +52,12 @@ class SentenceEncoder(nn.Module):
         return (h * w).sum(1) / w.sum(1)
 
     def stability_stages(self):
-        layers = [(lambda h, layer=layer: layer(h, attention_mask=self.additive_mask)) for layer in self.bert.encoder.layer]
-        return [self.embed, *layers, self.pool]
+        layers = [(f"layer.{i}", lambda h, layer=layer: layer(h, attention_mask=self.additive_mask))
+                  for i, layer in enumerate(self.bert.encoder.layer)]
+        return [("embeddings", self.embed), *layers, ("mean_pool", self.pool)]
 
     def forward(self, e: Tensor) -> Tensor:
-        for stage in self.stability_stages():
+        for _, stage in self.stability_stages():
             e = stage(e)
         return e
 
