@@ -168,11 +168,16 @@ def _run_stability(args) -> int:
     print(f"stability of {name} on {len(sents)} sentences ({inputs.shape[1]} tokens, pairs of paraphrases; "
           f"loss: in-batch ranking)", file=sys.stderr)
     log = (lambda s: print(f"  [{time.perf_counter() - t0:6.1f} s] {s}", file=sys.stderr)) if not args.quiet else None
+    # finished sections are kept in the checkpoint, so an interrupted run continues with --resume
+    checkpoint = out / "checkpoint.pt"
+    if not args.resume:
+        checkpoint.unlink(missing_ok=True)
     report = analyze(enc, inputs, targets, loss_fn, topk=args.topk, tol=args.tol, max_matvecs=args.max_matvecs,
                      entropy_probes=args.entropy_probes, entropy_steps=args.entropy_steps,
                      trace_matvecs=args.trace_matvecs, ntk=not args.no_ntk, hessian=not args.no_hessian,
-                     attribution=not args.no_attribution, seed=args.seed, log=log)
+                     attribution=not args.no_attribution, seed=args.seed, checkpoint=checkpoint, log=log)
     paths = report.save(out)
+    checkpoint.unlink(missing_ok=True)
     (out / "sentences.txt").write_text("\n".join(sents) + "\n")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB -> GiB (Linux)
     print(report.summary())
@@ -213,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     ps.add_argument("--no-hessian", action="store_true", help="skip the loss Hessian")
     ps.add_argument("--no-attribution", action="store_true", help="skip the attribution curvature")
     ps.add_argument("--seed", type=int, default=0)
+    ps.add_argument("--resume", action="store_true", help="continue an interrupted run in --out (its finished "
+                    "sections are kept in checkpoint.pt)")
     ps.add_argument("--quiet", action="store_true", help="no progress lines")
     args = parser.parse_args(argv)
     if args.command in (None, "info"):

@@ -4,9 +4,11 @@ Every definition and derivation is in docs/stability.md; the comments here only 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -187,7 +189,7 @@ def analyze(model: nn.Module, inputs: Tensor, targets: Tensor | None = None,
             tol: float = 1e-3, max_matvecs: int = 200, entropy_probes: int = 8, entropy_steps: int = 20,
             trace_matvecs: int = 30, exact_max_dim: int = 64, ntk: bool = True, hessian: bool = True,
             attribution: bool = True, input_scale: float | None = None, output_scale: float | None = None,
-            seed: int = 0, log: Callable[[str], None] | None = None) -> StabilityReport:
+            seed: int = 0, checkpoint=None, log: Callable[[str], None] | None = None) -> StabilityReport:
     """Spectral stability report of ``model`` at the batch ``inputs`` [B, ...].
 
     model(inputs, **model_kwargs) (then ``output_fn``) must return outputs [B, ...] with samples
@@ -201,6 +203,10 @@ def analyze(model: nn.Module, inputs: Tensor, targets: Tensor | None = None,
     Lanczos to relative residual ``tol`` within ``max_matvecs`` products, SLQ with
     ``entropy_probes`` × ``entropy_steps`` products for entropies, Hutch++ with ``trace_matvecs``
     products for the Hessian trace. Every estimate carries its certificate in ``report.certificates``.
+
+    ``checkpoint``: a file path; each finished section (input Jacobian, attribution, layers, NTK,
+    Hessian) is saved there, and a later call with the same model, data and options resumes after
+    the last finished section (a checkpoint written for anything else is refused).
     """
     import pandas as pd
 
@@ -216,7 +222,6 @@ def analyze(model: nn.Module, inputs: Tensor, targets: Tensor | None = None,
                              "BatchNorm in training mode (it normalises with batch statistics and would update its "
                              "running statistics); call model.eval() first")
     say = log or (lambda s: None)
-    gen = torch.Generator().manual_seed(seed)
     timings, certs, bounds = {}, {}, []
     x = inputs.detach()
     B = x.shape[0]
@@ -257,53 +262,7 @@ def analyze(model: nn.Module, inputs: Tensor, targets: Tensor | None = None,
     wd = torch.float64 if out.dtype == torch.float64 else torch.float32   # Krylov working precision
     C, d = out_flat.shape[1], x[0].numel()
 
-    # ---- input Jacobian, per sample
-    t0 = time.perf_counter()
-    say(f"input Jacobian: {B} samples, {C}×{d} each")
-    J = InputJacobian(fx, x)
-    rank_bound = min(C, d)
-    k_in = min(topk, rank_bound)
-    if rank_bound <= exact_max_dim:
-        dense = J.dense() if C <= d else _dense_by_jvp(J)
-        sv = torch.linalg.svdvals(dense.double())                       # [B, rank_bound]
-        top, top_upper = sv[:, :k_in], sv[:, :k_in]
-        frob2 = sv.pow(2).sum(1)
-        frob2_se = torch.zeros(B, dtype=torch.float64)
-        p = sv.pow(2) / frob2.clamp_min(1e-300)[:, None]
-        H = torch.where(frob2 > 0, -(torch.where(p > 0, p * p.clamp_min(1e-300).log(), torch.zeros_like(p))).sum(1),
-                        torch.zeros_like(frob2))
-        H_se = torch.zeros(B, dtype=torch.float64)
-        conv = torch.ones(B, dtype=torch.bool)
-        certs["input_jacobian"] = {"method": "exact (dense Jacobian, float64 SVD)", "products": rank_bound}
-    else:
-        mv, n = J.gram()
-        r = eigsh(mv, n, k_in, batch=B, tol=tol, max_matvecs=max_matvecs, generator=gen, dtype=wd)
-        top, top_upper = _sv_from_gram(r.values, r.residuals)
-        conv = r.converged.all(1)
-        q = slq(mv, n, batch=B, num_probes=entropy_probes, steps=entropy_steps, generator=gen, dtype=wd)
-        frob2, frob2_se = q.trace(lambda t: t)
-        H, H_se = q.entropy()
-        H = H.clamp(0, math.log(rank_bound))
-        certs["input_jacobian"] = {
-            "method": "thick-restart Lanczos on the smaller Gram (J Jᵀ or Jᵀ J), batched over samples; SLQ entropy",
-            "products": r.matvecs + q.matvecs, "lanczos_products": r.matvecs, "slq_products": q.matvecs,
-            "max_relative_residual": float((r.residuals / r.values.abs().clamp_min(1e-300)).max()),
-            "all_converged": bool(conv.all()), "slq_probes": entropy_probes, "slq_steps": entropy_steps}
-    s1, s1_upper = top[:, 0], top_upper[:, 0]
-    srank = torch.where(s1 > 0, frob2 / s1.pow(2).clamp_min(1e-300), torch.zeros_like(s1))
-    eff = H.exp()
-    rows = {"sample": list(range(B)), "jac_norm": s1, "jac_norm_upper": s1_upper, "jac_converged": conv}
-    for j in range(k_in):
-        rows[f"jac_sv_{j + 1}"] = top[:, j]
-    rows.update({"jac_frobenius": frob2.clamp_min(0).sqrt(), "jac_frobenius_sq_se": frob2_se,
-                 "jac_stable_rank": srank, "jac_entropy": H, "jac_entropy_se": H_se, "jac_effective_rank": eff,
-                 "jac_rank_bound": [rank_bound] * B,
-                 # E‖Jδ‖² / (ε²‖J‖₂²) = srank/d for δ uniform on the ε-sphere; entropy bounds it by e^H/d
-                 "typical_over_worst": (srank / d).sqrt(), "entropy_typical_bound": (eff.clamp(max=rank_bound) / d).sqrt(),
-                 "input_norm": x.reshape(B, -1).double().norm(dim=1), "output_norm": out_flat.norm(dim=1)})
-    timings["input_jacobian"] = time.perf_counter() - t0
-
-    # ---- scales and the forward component
+    # ---- scales (§8 of docs/stability.md)
     s_in = float(input_scale) if input_scale is not None else float(x.reshape(B, -1).double().pow(2).sum(1).mean().sqrt())
     if output_scale is not None:
         s_out = float(output_scale)
@@ -317,16 +276,91 @@ def analyze(model: nn.Module, inputs: Tensor, targets: Tensor | None = None,
                                  f"got {v} (pass {name}=)")
     theta = mf.theta().double()
     theta_norm = float(theta.norm())
-    components = {"forward": float(s1_upper.max()) * s_in / s_out, "parameter": None, "ntk": None, "curvature": None}
-    bounds.append({"name": "forward_local", "statement": "‖J_f(x_i) δ‖ ≤ ‖J_f(x_i)‖₂ ‖δ‖ for every δ; "
-                   "first-order ‖f(x_i+δ) − f(x_i)‖ ≤ ‖J_f(x_i)‖₂ ‖δ‖ + o(‖δ‖)",
-                   "constant": float(s1_upper.max())})
-    bounds.append({"name": "typical_case", "statement": "E_δ ‖J δ‖² = ε² ‖J‖_F² / d ≤ ε² ‖J‖₂² e^H / d for δ uniform on "
-                   "the sphere of radius ε in R^d; worst case ε² ‖J‖₂²", "median_typical_over_worst":
-                   float(rows["typical_over_worst"].median())})
+    components = {"forward": None, "parameter": None, "ntk": None, "curvature": None}
+    batch: dict = {"batch_size": B, "output_dim": C, "input_dim": d, "num_params": mf.p, "theta_norm": theta_norm}
+    rows: dict = {}
+    layers_df, layers_note = None, ""
+    options = {"topk": topk, "tol": tol, "max_matvecs": max_matvecs, "entropy_probes": entropy_probes,
+               "entropy_steps": entropy_steps, "trace_matvecs": trace_matvecs, "exact_max_dim": exact_max_dim,
+               "seed": seed, "ntk": ntk, "hessian": hessian, "attribution": attribution}
+    # Each section draws from its own generator, so a resumed run gives the same numbers.
+    section_gen = lambda name: torch.Generator().manual_seed(seed * 7919 + zlib.crc32(name.encode()))  # noqa: E731
+    ck = _Checkpoint(checkpoint, _fingerprint(x, targets, theta, out, options)) if checkpoint is not None else None
+    done: list = []
+    if ck is not None and (saved := ck.load()) is not None:
+        done, rows, certs, bounds, batch, components, timings = (saved[k] for k in (
+            "done", "rows", "certs", "bounds", "batch", "components", "timings"))
+        layers_df = pd.DataFrame(saved["layers"]) if saved["layers"] is not None else None
+        layers_note = saved["layers_note"]
+        say(f"resuming from {ck.path}: {', '.join(done)} already computed")
+
+    def finish(section):
+        done.append(section)
+        if ck is not None:
+            ck.save({"done": done, "rows": rows, "certs": certs, "bounds": bounds, "batch": batch,
+                     "components": components, "timings": timings, "layers_note": layers_note,
+                     "layers": layers_df.to_dict("records") if layers_df is not None else None})
+
+    # ---- input Jacobian, per sample
+    if "input_jacobian" not in done:
+        gen_ij = section_gen("input_jacobian")
+        t0 = time.perf_counter()
+        say(f"input Jacobian: {B} samples, {C}×{d} each")
+        J = InputJacobian(fx, x)
+        rank_bound = min(C, d)
+        k_in = min(topk, rank_bound)
+        if rank_bound <= exact_max_dim:
+            dense = J.dense() if C <= d else _dense_by_jvp(J)
+            sv = torch.linalg.svdvals(dense.double())                       # [B, rank_bound]
+            top, top_upper = sv[:, :k_in], sv[:, :k_in]
+            frob2 = sv.pow(2).sum(1)
+            frob2_se = torch.zeros(B, dtype=torch.float64)
+            p = sv.pow(2) / frob2.clamp_min(1e-300)[:, None]
+            H = torch.where(frob2 > 0, -(torch.where(p > 0, p * p.clamp_min(1e-300).log(), torch.zeros_like(p))).sum(1),
+                            torch.zeros_like(frob2))
+            H_se = torch.zeros(B, dtype=torch.float64)
+            conv = torch.ones(B, dtype=torch.bool)
+            certs["input_jacobian"] = {"method": "exact (dense Jacobian, float64 SVD)", "products": rank_bound}
+        else:
+            mv, n = J.gram()
+            r = eigsh(mv, n, k_in, batch=B, tol=tol, max_matvecs=max_matvecs, generator=gen_ij, dtype=wd)
+            top, top_upper = _sv_from_gram(r.values, r.residuals)
+            conv = r.converged.all(1)
+            q = slq(mv, n, batch=B, num_probes=entropy_probes, steps=entropy_steps, generator=gen_ij, dtype=wd)
+            frob2, frob2_se = q.trace(lambda t: t)
+            H, H_se = q.entropy()
+            H = H.clamp(0, math.log(rank_bound))
+            certs["input_jacobian"] = {
+                "method": "thick-restart Lanczos on the smaller Gram (J Jᵀ or Jᵀ J), batched over samples; SLQ entropy",
+                "products": r.matvecs + q.matvecs, "lanczos_products": r.matvecs, "slq_products": q.matvecs,
+                "max_relative_residual": float((r.residuals / r.values.abs().clamp_min(1e-300)).max()),
+                "all_converged": bool(conv.all()), "slq_probes": entropy_probes, "slq_steps": entropy_steps}
+        s1, s1_upper = top[:, 0], top_upper[:, 0]
+        srank = torch.where(s1 > 0, frob2 / s1.pow(2).clamp_min(1e-300), torch.zeros_like(s1))
+        eff = H.exp()
+        rows.update({"sample": list(range(B)), "jac_norm": s1, "jac_norm_upper": s1_upper, "jac_converged": conv})
+        for j in range(k_in):
+            rows[f"jac_sv_{j + 1}"] = top[:, j]
+        rows.update({"jac_frobenius": frob2.clamp_min(0).sqrt(), "jac_frobenius_sq_se": frob2_se,
+                     "jac_stable_rank": srank, "jac_entropy": H, "jac_entropy_se": H_se, "jac_effective_rank": eff,
+                     "jac_rank_bound": [rank_bound] * B,
+                     # E‖Jδ‖² / (ε²‖J‖₂²) = srank/d for δ uniform on the ε-sphere; entropy bounds it by e^H/d
+                     "typical_over_worst": (srank / d).sqrt(), "entropy_typical_bound": (eff.clamp(max=rank_bound) / d).sqrt(),
+                     "input_norm": x.reshape(B, -1).double().norm(dim=1), "output_norm": out_flat.norm(dim=1)})
+        timings["input_jacobian"] = time.perf_counter() - t0
+        components["forward"] = float(s1_upper.max()) * s_in / s_out
+        bounds.append({"name": "forward_local", "statement": "‖J_f(x_i) δ‖ ≤ ‖J_f(x_i)‖₂ ‖δ‖ for every δ; "
+                       "first-order ‖f(x_i+δ) − f(x_i)‖ ≤ ‖J_f(x_i)‖₂ ‖δ‖ + o(‖δ‖)",
+                       "constant": float(s1_upper.max())})
+        bounds.append({"name": "typical_case", "statement": "E_δ ‖J δ‖² = ε² ‖J‖_F² / d ≤ ε² ‖J‖₂² e^H / d for δ uniform on "
+                       "the sphere of radius ε in R^d; worst case ε² ‖J‖₂²", "median_typical_over_worst":
+                       float(rows["typical_over_worst"].median())})
+        finish("input_jacobian")
+    s1, s1_upper = torch.as_tensor(rows["jac_norm"]), torch.as_tensor(rows["jac_norm_upper"])
 
     # ---- attribution: curvature of the explained output (smooth nets)
-    if attribution:
+    if attribution and "attribution" not in done:
+        gen = section_gen("attribution")
         t0 = time.perf_counter()
         # the class target with the default cross-entropy loss (targets are classes of the outputs);
         # otherwise (custom losses, regression) the largest output
@@ -353,9 +387,9 @@ def analyze(model: nn.Module, inputs: Tensor, targets: Tensor | None = None,
                        "statement": "‖∇_x f_c(x+δ) − ∇_x f_c(x)‖ ≤ ‖∇²_x f_c(x)‖₂ ‖δ‖ + o(‖δ‖)",
                        "constant": float(rows["attribution_curvature_upper"].max())})
         timings["attribution"] = time.perf_counter() - t0
+        finish("attribution")
 
     # ---- layers: per-stage local norms, the product bound, global Lipschitz, linear regions
-    layers_df, layers_note = None, ""
     stage_names, stage_list = resolve_stages(model, stages)
     if stage_list is None:
         layers_note = ("not computed: pass stages= (callables whose composition is the model) or use an "
@@ -364,7 +398,8 @@ def analyze(model: nn.Module, inputs: Tensor, targets: Tensor | None = None,
         layers_note = ("not computed: with model_kwargs or output_fn the stages must take the model's input "
                        "alone; put them inside the stages (see stability_stages() of the default model)")
         stage_list = None
-    if stage_list is not None:
+    if stage_list is not None and "layers" not in done:
+        gen = section_gen("layers")
         t0 = time.perf_counter()
         say(f"layers: {len(stage_list)} stages")
         layers_df, prod, lip_global, lip_note = _layer_table(stage_names, stage_list, x, out, tol, max_matvecs, gen, wd)
@@ -386,10 +421,11 @@ def analyze(model: nn.Module, inputs: Tensor, targets: Tensor | None = None,
                            "N_flip(δ) · Π‖W_l‖₂ (N_flip: gate layers with a flipped gate)",
                            "median_radius": float(rows["linear_region_radius"].median())})
         timings["layers"] = time.perf_counter() - t0
-    batch: dict = {"batch_size": B, "output_dim": C, "input_dim": d, "num_params": mf.p, "theta_norm": theta_norm}
+        finish("layers")
 
     # ---- parameter Jacobian and NTK
-    if ntk and mf.p > 0:
+    if ntk and mf.p > 0 and "ntk" not in done:
+        gen = section_gen("ntk")
         t0 = time.perf_counter()
         n = B * C
         say(f"NTK: {n}×{n} over {mf.p} parameters")
@@ -446,9 +482,11 @@ def analyze(model: nn.Module, inputs: Tensor, targets: Tensor | None = None,
         bounds.append({"name": "ntk_step_size", "statement": "gradient descent on the linearised model with the "
                        "summed loss ½‖f(X) − Y‖² converges iff η < 2/λ_max(K)", "constant": batch["ntk_max_stable_lr"]})
         timings["ntk"] = time.perf_counter() - t0
+        finish("ntk")
 
     # ---- loss Hessian
-    if hessian and loss_fn is not None and mf.p > 0:
+    if hessian and loss_fn is not None and mf.p > 0 and "hessian" not in done:
+        gen = section_gen("hessian")
         t0 = time.perf_counter()
         say(f"Hessian: {mf.p} parameters")
         LH = LossHessian(mf, x, targets, loss_fn)
@@ -473,6 +511,7 @@ def analyze(model: nn.Module, inputs: Tensor, targets: Tensor | None = None,
         bounds.append({"name": "hessian_step_size", "statement": "near θ the quadratic model of the loss is stable under "
                        "gradient descent iff η < 2/λ_max(H)", "constant": batch["hessian_max_stable_lr"]})
         timings["hessian"] = time.perf_counter() - t0
+        finish("hessian")
     gmsi = sum(math.log10(max(v, 1.0)) for v in components.values() if v is not None)
     bounds.append({"name": "gmsi", "statement": "every component c_k ≤ 10^GMSI, hence: to first order at each analysed "
                    "sample ‖f(x_i+δ) − f(x_i)‖/s_out ≤ 10^GMSI ‖δ‖/s_in; RMS over the batch ‖J_θ Δθ‖/(√B s_out) ≤ "
@@ -480,10 +519,7 @@ def analyze(model: nn.Module, inputs: Tensor, targets: Tensor | None = None,
                    "constant": 10.0 ** gmsi})
     per_sample = pd.DataFrame({k: (v.tolist() if isinstance(v, Tensor) else v) for k, v in rows.items()})
     return StabilityReport(gmsi, components, {"input_scale": s_in, "output_scale": s_out, "theta_norm": theta_norm},
-                           per_sample, batch, layers_df, layers_note, certs, bounds, timings,
-                           {"topk": topk, "tol": tol, "max_matvecs": max_matvecs, "entropy_probes": entropy_probes,
-                            "entropy_steps": entropy_steps, "trace_matvecs": trace_matvecs,
-                            "exact_max_dim": exact_max_dim, "seed": seed})
+                           per_sample, batch, layers_df, layers_note, certs, bounds, timings, options)
 
 
 def _dense_by_jvp(J: InputJacobian) -> Tensor:
@@ -551,3 +587,41 @@ def _stage_row(stage, name, i, h, tol, max_matvecs, gen, wd):
     rec = {"stage": i, "name": name, "kind": kind, "local_norm_median": float(local.median()),
            "local_norm_max": float(local.max()), "global_lipschitz": lip_i}
     return rec, local, lip_i, kind == "other"
+
+
+def _fingerprint(x: Tensor, targets, theta: Tensor, out: Tensor, options: dict) -> str:
+    """What a checkpoint is valid for: inputs, targets, parameters, outputs and options."""
+    h = hashlib.sha256()
+    for t in (x, targets, theta, out):
+        if t is not None:
+            h.update(str((t.dtype, tuple(t.shape))).encode())
+            h.update(t.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
+    h.update(json.dumps(options, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+class _Checkpoint:
+    """The finished sections of one analyze() run, rewritten atomically after each section."""
+
+    def __init__(self, path, fingerprint: str):
+        self.path = Path(path)
+        self.fingerprint = fingerprint
+
+    def load(self):
+        if not self.path.exists():
+            return None
+        try:
+            data = torch.load(self.path, weights_only=True)
+        except Exception as e:
+            raise StabilityError(f"analyze: checkpoint {self.path} cannot be read ({type(e).__name__}: {e}); "
+                                 "delete it to start over") from e
+        if data.get("fingerprint") != self.fingerprint:
+            raise StabilityError(f"analyze: checkpoint {self.path} was written for other inputs, parameters or "
+                                 "options; delete it or pass another checkpoint path")
+        return data["state"]
+
+    def save(self, state: dict):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        torch.save({"fingerprint": self.fingerprint, "state": state}, tmp)
+        tmp.replace(self.path)
