@@ -37,9 +37,16 @@ def _check_int(fn: str, name: str, value, minimum: int):
         raise ValueError(f"{fn}: {name} must be an integer >= {minimum}; got {value!r}")
 
 
+def _norm(x: Tensor) -> Tensor:
+    """Row norms in float64: float32 squares overflow or underflow for entries beyond ~1e±19."""
+    return torch.linalg.vector_norm(x, dim=-1, dtype=torch.float64)
+
+
 def _product(fn: str, matvec: MatVec, v: Tensor, count: int, dtype) -> Tensor:
     """matvec(v) checked: same shape as v, finite (a NaN would otherwise surface deep in eigh)."""
     w = matvec(v)
+    if isinstance(w, Tensor) and w.data_ptr() == v.data_ptr():
+        w = w.clone()          # the result is orthogonalised in place: never the basis vector itself
     if not isinstance(w, Tensor) or w.shape != v.shape:
         got = tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__
         raise ValueError(f"{fn}: matvec must return shape {tuple(v.shape)}; got {got}")
@@ -67,6 +74,9 @@ class EigResult:
     converged: [B, k] bool, residual <= tol · (largest |Ritz value| seen).
     vectors: [B, k, n] Ritz vectors when asked for, else None.
     matvecs: operator products used (each one a call on the whole batch).
+    verified: the deflation check ran and found no further eigenvalue among the wanted k (copies of
+        a repeated eigenvalue that single-vector Lanczos misses); False when it was skipped
+        (verify=False, unconverged pairs, or no budget left) or stopped by the budget.
     """
 
     values: Tensor
@@ -76,6 +86,8 @@ class EigResult:
     restarts: int
     basis_size: int
     vectors: Tensor | None = None
+    verified: bool = False
+    scale: Tensor | None = None     # [B] largest |Ritz value| seen: the unit of tol
 
 
 def _orthogonalize(V: Tensor, w: Tensor) -> Tensor:
@@ -93,20 +105,29 @@ def _fresh_direction(V: Tensor, rows: Tensor, generator, dtype) -> Tensor:
     B, j, n = V.shape
     w = _gaussian((B, n), dtype, V.device, generator)
     _orthogonalize(V, w)
-    w /= w.norm(dim=1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+    w /= _norm(w).clamp_min(1e-300).to(dtype)[:, None]
     return w
 
 
 def eigsh(matvec: MatVec, n: int, k: int, *, batch: int = 1, which: str = "LA", tol: float = 1e-4,
           max_matvecs: int = 300, basis_size: int | None = None, dtype: torch.dtype = torch.float32,
-          device=None, generator: torch.Generator | None = None, return_vectors: bool = False) -> EigResult:
+          device=None, generator: torch.Generator | None = None, return_vectors: bool = False,
+          verify: bool = True, relative_to: str = "spectrum") -> EigResult:
     """k extreme eigenpairs of B symmetric n×n operators by thick-restart Lanczos.
 
     which: "LA" largest algebraic, "SA" smallest algebraic (e.g. the most negative Hessian
     eigenvalues, or λ_min of a PSD operator), "LM" largest magnitude.
-    tol: relative residual target, ‖A y − θ y‖ <= tol · max|θ|.
-    max_matvecs: budget of operator products; unconverged pairs are returned flagged.
+    tol: relative residual target, ‖A y − θ y‖ <= tol · max|θ| (relative_to="spectrum"), or
+        <= tol · |θ| for each pair (relative_to="value": small eigenvalues to relative accuracy,
+        e.g. λ_min of a PSD operator for its condition number; slower).
+    max_matvecs: budget of operator products (all rounds together); unconverged pairs are
+        returned flagged.
     basis_size: Krylov basis kept in memory (default max(2k + 6, 16), at most n).
+    verify: single-vector Lanczos finds one copy of a repeated eigenvalue (the Krylov space holds
+        one vector of each eigenspace, up to rounding), so once all k pairs have converged the
+        top eigenvalue of the operator deflated by the k Ritz vectors is computed from a fresh
+        random start and merged in when it beats the k-th; rounds repeat until one finds nothing
+        new (one round per missing copy, plus one).
     """
     fn = "eigsh"
     _check_int(fn, "n", n, 1)
@@ -119,17 +140,102 @@ def eigsh(matvec: MatVec, n: int, k: int, *, batch: int = 1, which: str = "LA", 
         raise ValueError(f"{fn}: which must be one of {_WHICH}; got {which!r}")
     if not (isinstance(tol, (int, float)) and 0 < tol < 1):
         raise ValueError(f"{fn}: tol must be in (0, 1); got {tol!r}")
+    if relative_to not in ("spectrum", "value"):
+        raise ValueError(f"{fn}: relative_to must be 'spectrum' or 'value'; got {relative_to!r}")
     m = basis_size if basis_size is not None else max(2 * k + 6, 16)
     _check_int(fn, "basis_size", m, k + 1 if n > k else k)
-    m = min(m, n)
+    m = min(m, n, max(max_matvecs, k + 1))   # the first basis never exceeds the budget
     device = torch.device(device) if device is not None else torch.device("cpu")
-    B = batch
+    want = verify or return_vectors
+    r = _lanczos(fn, matvec, n, k, batch, which, tol, max_matvecs, m, dtype, device, generator, want, relative_to)
+    if not verify or m == n:           # m == n: the basis spans everything, copies included
+        r.verified = m == n
+    else:
+        for _ in range(k):
+            if not bool(r.converged.all()) or r.matvecs + m > max_matvecs:
+                break
+            r2, new, conclusive = _deflated_round(fn, matvec, r, n, k, batch, which, tol, max_matvecs - r.matvecs, m,
+                                                  dtype, device, generator, relative_to)
+            r = _merge(r, r2, k, which)
+            if not new:
+                r.verified = conclusive and bool(r.converged.all())
+                break
+    if not return_vectors:
+        r.vectors = None
+    return r
+
+
+def _deflated_round(fn, matvec, r: EigResult, n, k, B, which, tol, budget, m, dtype, device, generator, relative_to):
+    """Lanczos on A restricted to the complement of the found vectors Y: (I−P)A(I−P) + σP with
+    P = YYᵀ and σ beyond the wanted end, so the found directions can never be wanted again."""
+    Y = r.vectors
+    kth = r.values[:, -1]
+    # σ a whole spectrum width beyond the wanted end (1 for the zero operator)
+    scale = torch.maximum(r.scale, r.values.abs().amax(1))
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    sigma = {"LA": kth - scale, "SA": kth + scale, "LM": torch.zeros_like(kth)}[which]
+    sigma = sigma.to(dtype=dtype, device=device)[:, None]
+
+    def deflated(v):
+        c = torch.einsum("bkn,bn->bk", Y, v)
+        v_perp = v - torch.einsum("bkn,bk->bn", Y, c)
+        w = matvec(v_perp).to(dtype)
+        w = w - torch.einsum("bkn,bk->bn", Y, torch.einsum("bkn,bn->bk", Y, w))
+        return w + sigma * torch.einsum("bkn,bk->bn", Y, c)
+
+    # only the best eigenvalue of the deflated operator matters: is it better than the k-th found?
+    r2 = _lanczos(fn, deflated, n, 1, B, which, tol, budget - 1, m, dtype, device, generator, True, relative_to,
+                  unit_scale=scale)
+    # The certificate is for A itself: take the new vector exactly orthogonal to the found ones (its
+    # eigenvector is) and measure its residual on A, which the deflated residual omits.
+    y = r2.vectors[:, 0]
+    y = y - torch.einsum("bkn,bk->bn", Y, torch.einsum("bkn,bn->bk", Y, y))
+    y = y / _norm(y).clamp_min(1e-300).to(dtype)[:, None]
+    w = _product(fn, matvec, y.contiguous(), r.matvecs + r2.matvecs, dtype)
+    theta = (y.double() * w.double()).sum(1).cpu()
+    r2.values = theta[:, None]
+    r2.vectors = y[:, None]
+    r2.residuals = _norm(w - theta.to(dtype=dtype, device=w.device)[:, None] * y).cpu()[:, None]
+    r2.matvecs += 1
+    unit = r2.values.abs() if relative_to == "value" else scale[:, None]
+    r2.converged = r2.residuals <= tol * unit + 1e-300
+    margin = tol * scale
+    best = r2.values[:, 0]
+    if which == "LA":
+        new = best > kth + margin
+    elif which == "SA":
+        new = best < kth - margin
+    else:
+        new = best.abs() > kth.abs() + margin
+    new = new & r2.converged[:, 0]
+    # operators with nothing new keep their pairs untouched: the round's value can never enter
+    never = {"LA": float("-inf"), "SA": float("inf"), "LM": 0.0}[which]
+    r2.values = torch.where(new[:, None], r2.values, torch.full_like(r2.values, never))
+    return r2, bool(new.any()), bool(r2.converged.all())
+
+
+def _merge(r: EigResult, r2: EigResult, k: int, which: str) -> EigResult:
+    values = torch.cat([r.values, r2.values], 1)
+    order = _order(values, which)[:, :k]
+    take = lambda t: t.gather(1, order)  # noqa: E731
+    vectors = torch.cat([r.vectors, r2.vectors], 1)
+    vectors = vectors.gather(1, order.to(vectors.device)[:, :, None].expand(-1, -1, vectors.shape[2]))
+    return EigResult(take(values), take(torch.cat([r.residuals, r2.residuals], 1)),
+                     take(torch.cat([r.converged, r2.converged], 1)), r.matvecs + r2.matvecs,
+                     r.restarts + r2.restarts, r.basis_size, vectors, scale=torch.maximum(r.scale, r2.scale))
+
+
+def _lanczos(fn, matvec, n, k, B, which, tol, max_matvecs, m, dtype, device, generator, return_vectors,
+             relative_to, unit_scale: Tensor | None = None) -> EigResult:
+    """unit_scale: the tolerance's unit when given (a deflated operator's own Ritz values include
+    its shift, which is not part of the original spectrum)."""
     V = torch.empty(B, m + 1, n, dtype=dtype, device=device)
     v0 = _gaussian((B, n), dtype, device, generator)
-    V[:, 0] = v0 / v0.norm(dim=1, keepdim=True)
+    V[:, 0] = v0 / _norm(v0).to(dtype)[:, None]
     T = torch.zeros(B, m, m, dtype=torch.float64)
     kept, matvecs, restarts = 0, 0, 0
     scale = torch.zeros(B, dtype=torch.float64)   # largest |Ritz value| seen: the tolerance's unit
+    norm_est = torch.zeros(B, dtype=torch.float64)  # ‖T‖_∞ so far: the unit of the breakdown test
     tiny = torch.finfo(dtype).eps
     while True:
         beta = torch.zeros(B, dtype=torch.float64)
@@ -139,11 +245,11 @@ def eigsh(matvec: MatVec, n: int, k: int, *, batch: int = 1, which: str = "LA", 
             h = _orthogonalize(V[:, : i + 1], w).cpu()
             T[:, : i + 1, i] = h
             T[:, i, : i + 1] = h
-            beta = w.norm(dim=1).to(torch.float64).cpu()
-            scale = torch.maximum(scale, T[:, : i + 1, : i + 1].abs().sum(-1).amax(-1))
+            beta = _norm(w).cpu()
+            norm_est = torch.maximum(norm_est, T[:, : i + 1, : i + 1].abs().sum(-1).amax(-1))
             # Breakdown (an invariant subspace was found, e.g. a rank-deficient operator): continue
             # with a fresh direction orthogonal to the basis; its coupling to the basis is zero.
-            broke = beta <= 10 * tiny * scale.clamp_min(1e-300)
+            broke = beta <= 10 * tiny * norm_est.clamp_min(1e-300)
             if i + 1 <= m:
                 V[:, i + 1] = w / beta.clamp_min(1e-300).to(dtype=dtype, device=device)[:, None]
                 if bool(broke.any()) and i + 1 < n:
@@ -158,14 +264,15 @@ def eigsh(matvec: MatVec, n: int, k: int, *, batch: int = 1, which: str = "LA", 
         vals = theta.gather(1, idx)
         res = res_all.gather(1, idx)
         scale = torch.maximum(scale, theta.abs().amax(1))
-        conv = res <= tol * scale[:, None] + 1e-300
+        unit = vals.abs() if relative_to == "value" else (scale if unit_scale is None else unit_scale)[:, None]
+        conv = res <= tol * unit + 1e-300
         done = bool(conv.all()) or matvecs + (m - keep) > max_matvecs or m == n
         if done:
             vectors = None
             if return_vectors:
                 Sk = S.gather(2, idx[:, None, :].expand(B, m, k)).to(dtype=dtype, device=device)
                 vectors = torch.einsum("bmk,bmn->bkn", Sk, V[:, :m])
-            return EigResult(vals, res, conv, matvecs, restarts, m, vectors)
+            return EigResult(vals, res, conv, matvecs, restarts, m, vectors, scale=scale)
         # Thick restart: keep the `keep` best Ritz vectors and the residual direction; the projected
         # matrix becomes diag(θ) bordered by the residual couplings β·S[m-1, j].
         sel = order[:, :keep]
@@ -236,12 +343,13 @@ def hutchpp(matvec: MatVec, n: int, *, batch: int = 1, num_matvecs: int = 30,
         Q[:, j] = _product(fn, matvec, _rademacher((B, n), dtype, device, generator), j, dtype)
     for j in range(s):
         q = Q[:, j]
-        scale = q.norm(dim=1)
+        scale = _norm(q)
         _orthogonalize(Q[:, :j], q)
-        norm = q.norm(dim=1, keepdim=True)
+        norm = _norm(q)
         # a direction the earlier ones already span (A of low rank) contributes nothing
-        q.mul_(torch.where(norm[:, 0] > 1e3 * torch.finfo(dtype).eps * scale.clamp_min(1e-300),
-                           1 / norm[:, 0].clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(norm[:, 0]))[:, None])
+        inv = torch.where(norm > 1e3 * torch.finfo(dtype).eps * scale.clamp_min(1e-300),
+                          1 / norm.clamp_min(1e-300), torch.zeros_like(norm))
+        q.mul_(inv.to(dtype=dtype, device=q.device)[:, None])
     top = torch.zeros(B, dtype=torch.float64)
     for j in range(s):
         top += (Q[:, j].double() * _product(fn, matvec, Q[:, j], s + j, dtype).double()).sum(1).cpu()
@@ -340,15 +448,16 @@ def slq(matvec: MatVec, n: int, *, batch: int = 1, num_probes: int = 8, steps: i
             matvecs += 1
             a = (w * v).sum(1)
             w = w - a[:, None] * v - b_prev[:, None] * v_prev
-            b = w.norm(dim=1)
+            b = _norm(w)
             a64 = torch.where(alive, a.double(), torch.zeros_like(a.double()))
-            scale = torch.maximum(scale, a64.abs() + b.double())
-            alive = alive & (b.double() > 10 * tiny * scale)
+            scale = torch.maximum(scale, a64.abs() + b)
+            alive = alive & (b > 10 * tiny * scale)
             b = torch.where(alive, b, torch.zeros_like(b))
             alpha[:, j] = a64.cpu()
-            beta[:, j] = b.double().cpu()
-            v_prev, v = v, torch.where(alive[:, None], w / b.clamp_min(1e-30)[:, None], torch.zeros_like(w))
-            b_prev = b
+            beta[:, j] = b.cpu()
+            inv = torch.where(alive, 1 / b.clamp_min(1e-300), torch.zeros_like(b)).to(dtype)
+            v_prev, v = v, w * inv[:, None]
+            b_prev = b.to(dtype)
         T = torch.diag_embed(alpha) + torch.diag_embed(beta[:, :-1], 1) + torch.diag_embed(beta[:, :-1], -1)
         theta, S = torch.linalg.eigh(T)
         nodes[:, p] = theta

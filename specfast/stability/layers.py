@@ -125,11 +125,11 @@ class ProductForm:
 
     weights: list[Tensor]
     gates: list[Tensor]
+    batch: int
 
     def jacobian(self) -> Tensor:
         """[B, C, d] float64: the product, sample by sample."""
-        B = self.gates[0].shape[0] if self.gates else 1
-        J = self.weights[0].double().expand(B, *self.weights[0].shape)
+        J = self.weights[0].double().expand(self.batch, *self.weights[0].shape)
         for D, W in zip(self.gates, self.weights[1:]):
             J = W.double() @ (D.double()[:, :, None] * J)
         return J
@@ -166,7 +166,7 @@ def product_form(stages, x: Tensor, *, dense_max: int = 1 << 22) -> ProductForm:
                                  "elementwise activation; the explicit product form covers plain "
                                  "feed-forward networks only")
     weights.append(current if current is not None else torch.eye(h[0].numel(), dtype=h.dtype))
-    return ProductForm(weights, gates)
+    return ProductForm(weights, gates, x.shape[0])
 
 
 def linear_region_radius(stages, x: Tensor, *, tol: float = 1e-6, max_matvecs: int = 300, generator=None,

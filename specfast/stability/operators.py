@@ -34,8 +34,13 @@ def _wrap(what: str, fn: Callable):
     except StabilityError:
         raise
     except (RuntimeError, NotImplementedError, TypeError) as e:
-        raise StabilityError(f"{what}: the model is not differentiable here ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else e!r})") from e
+        msg = str(e).splitlines()[0] if str(e) else repr(e)
+        hint = ""
+        if "forward AD" in msg or "forward-mode" in msg or "jvp" in msg.lower():
+            hint = ("; an operation has no forward-mode derivative in this torch build (e.g. fused or flash "
+                    "attention kernels: use the math kernel, torch.nn.attention.sdpa_kernel(SDPBackend.MATH), "
+                    "or attn_implementation='eager')")
+        raise StabilityError(f"{what}: the model is not differentiable here ({type(e).__name__}: {msg}){hint}") from e
 
 
 def _work(t: Tensor) -> Tensor:
@@ -113,8 +118,9 @@ class InputJacobian:
     def jvp(self, v: Tensor) -> Tensor:
         """[B, d] -> [B, C]: J_i v_i for every sample."""
         t = v.reshape(self.x.shape).to(self.x.dtype)
-        with torch.no_grad():  # forward-mode only: no backward graph through the parameters
-            _, jv = _wrap("input Jacobian (jvp)", lambda: jvp(self.fn, (self.x,), (t,)))
+        # not under no_grad: that switches modules such as nn.TransformerEncoderLayer to fused
+        # fast paths without forward-mode AD; the result is detached so no graph outlives the call
+        _, jv = _wrap("input Jacobian (jvp)", lambda: jvp(self.fn, (self.x,), (t,)))
         return _work(jv.detach().reshape(self.B, self.C))
 
     def vjp(self, u: Tensor) -> Tensor:
@@ -153,8 +159,7 @@ class ParameterJacobian:
     def jvp(self, v: Tensor) -> Tensor:
         """[p] -> [BC]"""
         t = {k: a.to(self.f.params[k].dtype) for k, a in self.f.unflatten(v).items()}
-        with torch.no_grad():
-            _, jv = _wrap("parameter Jacobian (jvp)", lambda: jvp(lambda P: self.f(P, self.x), (self.f.params,), (t,)))
+        _, jv = _wrap("parameter Jacobian (jvp)", lambda: jvp(lambda P: self.f(P, self.x), (self.f.params,), (t,)))
         return _work(jv.detach().reshape(-1))
 
     def vjp(self, u: Tensor) -> Tensor:
