@@ -22,7 +22,7 @@ Statistical estimators (hutchpp, slq) are checked against their own reported sta
 (``STDERRS`` of them, as in conftest's ``slq_stderrs``) with fixed seeds, so the tests are
 deterministic.
 
-Tests marked ``xfail(strict=True)`` document bugs or limitations of krylov.py found while writing this
+Cases that found bugs of krylov.py while this file was written (all fixed) stay as regression tests.
 file; each reason states the observed and the expected behaviour.
 """
 from __future__ import annotations
@@ -233,12 +233,7 @@ def test_eigsh_repeated_top_eigenvalue(dtype):
 
 
 @pytest.mark.parametrize("dtype", [
-    pytest.param(torch.float64, id="dtype=fp64", marks=pytest.mark.xfail(strict=True, reason=(
-        "specfast bug (verify rounds): a pair found by _deflated_round is merged with the residual of the "
-        "DEFLATED operator (I−P)A(I−P)+σP, which omits the coupling P·A·y to the earlier pairs (bounded only "
-        "by their residuals, i.e. up to tol·scale). LA k=3 on [2,2,2, linspace(0,1)], fp64, tol=1e-4, seed 2: "
-        "third pair reported residual 6.1e-11, measured ‖Ay − θy‖ = 4.3e-5; so the residuals no longer "
-        "certify the values"))),
+    pytest.param(torch.float64, id="dtype=fp64"),
     pytest.param(torch.float32, id="dtype=fp32"),
 ])
 def test_eigsh_merged_pairs_residuals_certify(dtype):
@@ -612,13 +607,8 @@ def test_eigsh_identity_matvec_returning_input():
 @pytest.mark.parametrize("scale", [
     pytest.param(1e-12, id="scale=1e-12"),
     pytest.param(1e12, id="scale=1e12"),
-    pytest.param(1e-25, id="scale=1e-25", marks=pytest.mark.xfail(strict=True, reason=(
-        "specfast bug: float32 vector norms (w.norm in eigsh) underflow for an operator of scale 1e-25 "
-        "(‖w‖² < 1e-45): every step 'breaks down' and eigsh returns [0.77, 0.73]·scale instead of "
-        "[1, 0.98]·scale with residual 0 and converged=True"))),
-    pytest.param(1e20, id="scale=1e20", marks=pytest.mark.xfail(strict=True, reason=(
-        "specfast bug: float32 vector norms (w.norm in eigsh) overflow for an operator of scale 1e20: "
-        "eigsh returns [0.67, 0.63]·scale instead of [1, 0.98]·scale with residual 0 and converged=True"))),
+    pytest.param(1e-25, id="scale=1e-25"),
+    pytest.param(1e20, id="scale=1e20"),
 ])
 def test_eigsh_fp32_scale_invariant(scale):
     """Scaling the operator by c scales the eigenvalues and residuals by c (float32 operator)."""
