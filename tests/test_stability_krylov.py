@@ -23,7 +23,6 @@ Statistical estimators (hutchpp, slq) are checked against their own reported sta
 deterministic.
 
 Cases that found bugs of krylov.py while this file was written (all fixed) stay as regression tests.
-file; each reason states the observed and the expected behaviour.
 """
 from __future__ import annotations
 
