@@ -405,12 +405,6 @@ def test_linear_single_output_simple_spectra_lanczos():
     lanczos_certificates_ok(rep)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "specfast bug/limitation: single-vector thick-restart Lanczos (krylov.eigsh) does not find every copy "
-    "of a repeated eigenvalue yet flags all k pairs converged. E.g. for the linear model's NTK "
-    "(XXᵀ+1) ⊗ I_4 (B=6, d=7, C=4, n=24; _linear_problem(seed=0)) the reported top-5 is "
-    "[λ1, λ1, λ1, λ2, λ2] instead of [λ1, λ1, λ1, λ1, λ2], and the MSE Hessian's bottom-5 skips zeros "
-    "of multiplicity 8 ([0, 0, 0, μ, μ] with μ > 0)"))
 def test_lanczos_top_k_misses_repeated_eigenvalues():
     """Top-5 / bottom-5 lists with multiplicity on the Lanczos path, for three random linear problems
     (both the NTK and the Hessian have every eigenvalue C times)."""
@@ -431,11 +425,6 @@ def test_lanczos_top_k_misses_repeated_eigenvalues():
         assert_values(b["hessian_eig_min"], evH[:5], atolH, f"seed {seed}: Hessian bottom-5 with multiplicity")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "specfast bug/limitation (same cause as above): an MLP whose output dimension C exceeds its last hidden "
-    "width w has an NTK with structurally repeated eigenvalues (on R^B ⊗ null(W_Lᵀ) the kernel is "
-    "(HHᵀ + 1) ⊗ I_{C−w}); Lanczos reports one copy of the bottom eigenvalue, e.g. [λ1, λ3, λ4, ...] for "
-    "[λ1, λ1, λ3, ...], all flagged converged"))
 def test_lanczos_misses_structural_ntk_multiplicity_of_mlp():
     for seed, act in ((10, nn.Tanh), (11, nn.GELU)):
         torch.manual_seed(seed)
@@ -756,9 +745,6 @@ def test_product_form_equals_autograd_jacobian(kind):
         assert torch.equal(pf.weights[0], first.weight.detach())
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "specfast bug (minor): ProductForm.jacobian() is documented as [B, C, d] but returns [1, C, d] when the "
-    "stages contain no activation (gates empty: B is taken from the gates, else 1)"))
 def test_product_form_affine_only_keeps_batch():
     model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)).double()
     X = torch.randn(5, 4, dtype=F64)
@@ -827,11 +813,6 @@ def test_product_bound_tight_for_single_linear(wrap):
 
 
 # ==================================================================================== surprises
-@pytest.mark.xfail(strict=True, raises=StabilityError, reason=(
-    "specfast bug: InputJacobian.jvp / ParameterJacobian.jvp run torch.func.jvp under torch.no_grad(); in "
-    "eval mode that makes nn.TransformerEncoderLayer take its fused fast path "
-    "(aten::_transformer_encoder_layer_fwd), which has no forward-mode AD, so analyze fails on a model that "
-    "torch.func.jvp differentiates fine with grad mode on"))
 def test_transformer_fast_path_under_no_grad():
     from torch.func import jvp
     from torch.nn.attention import SDPBackend, sdpa_kernel
