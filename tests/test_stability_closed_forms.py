@@ -11,7 +11,7 @@ Both code paths of ``analyze`` are exercised: the exact one (dense spectra, dime
 exact_max_dim) and the matrix-free thick-restart Lanczos one (exact_max_dim=0, with a tight tol and a
 large product budget).
 
-Four expected failures (xfail strict) document what this file found in specfast.stability: Lanczos
+This file found (and the library has since fixed; the tests stay as regression tests): Lanczos
 top-k/bottom-k lists that drop copies of repeated eigenvalues while flagged converged (two tests),
 torch.func.jvp run under torch.no_grad() switching nn.TransformerEncoderLayer onto its fused fast path,
 which has no forward-mode AD, and ProductForm.jacobian() losing the batch dimension without gates.
