@@ -458,7 +458,6 @@ def test_linear_region_gradient_flip_bound(case):
     assert float(nflip.max()) >= 1          # the large radii do flip gates
 
 
-@pytest.mark.xfail(strict=False, reason="needs update after the certified-bounds change: the library now omits the N_flip statement for slopes outside [0, 1] (the fix); this test still checks the old statement and must be rewritten to assert its absence")
 def test_linear_region_flip_statement_leaky_slope_outside_unit_interval():
     m = nn.Sequential(nn.Linear(1, 1, bias=False), nn.LeakyReLU(negative_slope=-1.0),
                       nn.Linear(1, 1, bias=False)).to(DT)
@@ -467,14 +466,15 @@ def test_linear_region_flip_statement_leaky_slope_outside_unit_interval():
         m[2].weight.fill_(1.0)
     x = torch.tensor([[1.0], [1.0]], dtype=DT)
     r = analyze(m, x, ntk=False, attribution=False)
-    bound(r, "linear_region")                                     # the statement is attached
+    # the radius statement is attached, the N_flip one is not (it needs gate slopes in [0, 1]) ...
+    assert "N_flip" not in bound(r, "linear_region")["statement"]
     prodW = 1.0                                                   # ‖W_1‖₂‖W_2‖₂
     delta = torch.tensor([[-2.0]], dtype=DT)                      # x+δ = −1: the single gate flips
     cls = torch.zeros(1, dtype=torch.long)
     g0 = input_gradients(m, x[:1], (1,), cls)
     g1 = input_gradients(m, x[:1] + delta, (1,), cls)
     n_flip = 1
-    assert float((g1 - g0).norm()) <= n_flip * prodW              # 2 ≤ 1 fails
+    assert float((g1 - g0).norm()) > n_flip * prodW               # ... because here it fails: 2 > 1
 
 
 # ============================================================================== 4. typical case
@@ -722,15 +722,14 @@ def test_ntk_min_eigenvalue_certificate_contains_truth():
     assert theta - res <= lam_min <= theta * (1 + 1e-12)
 
 
-@pytest.mark.xfail(strict=False, reason="needs update after the certified-bounds change: label_noise_param_gain is now the certified 1/sqrt(theta_min - r) (possibly inf) and the estimate moved to label_noise_param_gain_estimate; the test must be updated to the new fields")
 def test_label_noise_gain_krylov_path():
     m, x, y = _ntk_setup(22, 32, 23)
     r = analyze(m, x, attribution=False, hessian=False)
     assert "Lanczos" in r.certificates["ntk"]["method"]
-    assert r.batch["ntk_eig_min_converged"]
-    gain = r.batch["label_noise_param_gain"]
+    gain = r.batch["label_noise_param_gain"]             # certified: 1/sqrt(θ_min − r), inf if not positive
     J, _, _ = _param_jacobian(m, x)
     ev, V = torch.linalg.eigh(J @ J.T)
+    assert r.batch["ntk_eig_min_lower"] <= float(ev[0]) * (1 + 1e-9) <= float(r.batch["ntk_eig_min"][0]) * (1 + 1e-9)
     eta = 0.99 * r.batch["ntk_max_stable_lr"]
     kappa = float(ev[-1] / ev[0])
     k = int(math.ceil(math.log2(math.log(1e-14) / math.log(1 - 0.99 * 2 / kappa)))) + 1
@@ -743,7 +742,6 @@ def test_label_noise_gain_krylov_path():
     assert float(ratio.max()) <= gain * (1 + 1e-9)                        # fails: 9.20 > 8.19
 
 
-@pytest.mark.xfail(strict=False, reason="needs update after the certified-bounds change: hessian_max_stable_lr is now 2/(lambda_max + residual) (safe side); the test's exact equality with B*ntk_max_stable_lr must allow the residual")
 def test_hessian_step_size_quadratic_model():
     """Quadratic model q(Δ) = gᵀΔ + ½ΔᵀHΔ of the loss ½·mean‖f − y‖² at θ0 (dense H, p = 163),
     GD Δ ← Δ − η(g + HΔ) from 2048 random starts, 2^11 steps:
@@ -779,12 +777,12 @@ def test_hessian_step_size_quadratic_model():
         assert abs(hmax - lam) <= res + 1e-10 * lam and hmax <= lam * (1 + 1e-12)
         assert hmax == pytest.approx(lam, rel=1e-4)
         lr = b["hessian_max_stable_lr"]
-        assert lr == pytest.approx(2 / hmax, rel=1e-15)
+        assert lr == pytest.approx(2 / (hmax + res), rel=1e-15) and lr <= 2 / lam * (1 + 1e-12)   # the safe side
         pos = ev > 1e-3 * lam          # the well-resolved positive-curvature eigenspace
         if psd:
             assert float(ev[0]) >= -1e-10 * lam
             torch.testing.assert_close(H, J.T @ J / B, rtol=0, atol=1e-10 * lam)
-            assert lr == pytest.approx(B * b["ntk_max_stable_lr"], rel=1e-6)
+            assert lr == pytest.approx(B * b["ntk_max_stable_lr"], rel=1e-4)
             Hq, gq = H, grad0
             D0 = torch.randn(p, 2048, generator=g, dtype=DT)
         else:
