@@ -87,7 +87,7 @@ def test_bench_stability_smoke(tmp_path):
 
 
 def test_paper_repro_smoke(tmp_path):
-    """benchmarks/paper_repro.py --smoke: digits plus a tiny CIFAR-10 written here in the binary format
+    """benchmarks/paper_repro.py --smoke: both regularisers on digits plus a tiny CIFAR-10 written here in the binary format
     (the real CIFAR is read from --cifar-dir when a user has it); results are written as each run
     ends, a re-run resumes (skips every finished run), and the table is produced."""
     import json
@@ -111,7 +111,7 @@ def test_paper_repro_smoke(tmp_path):
     assert "skipping cifar100" in proc.stdout                     # absent, so skipped and said so
     recs = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert {r["dataset"] for r in recs} == {"digits", "cifar10"}
-    assert {r["reg"] for r in recs} == {"none", "weight_spectral"} and len({r["seed"] for r in recs}) == 2
+    assert {r["reg"] for r in recs} == {"none", "weight_spectral", "jacobian_spectral"} and len({r["seed"] for r in recs}) == 2
     for r in recs:
         assert 0 <= r["test_acc"] <= 1 and r["gmsi"] >= 0
         assert 0 <= r["sal_topk_overlap"] <= 1 and r["sal_relative_l2"] > 0 and np.isfinite(r["ig_relative_l2"])
