@@ -180,12 +180,13 @@ def measure(model, xte, yte, run: Run, args) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- aggregation
-COLUMNS = [("test_acc", "acc", 3), ("gmsi", "GMSI", 2), ("gmsi_forward", "c_fwd", 3), ("gmsi_ntk", "κ(NTK)", 3),
-           ("gmsi_curvature", "c_curv", 3), ("w_sigma_max", "max σ₁", 3), ("w_log10_prod_sigma", "log10 Πσ₁", 2),
-           ("w_mean_stable_rank", "srank", 3), ("sal_relative_l2", "sal ΔL2", 3), ("sal_topk_overlap", "sal top-k", 3),
-           ("sal_spearman", "sal ρ", 3), ("sal_max_sensitivity", "sal maxsens", 3), ("ig_relative_l2", "IG ΔL2", 3),
-           ("ig_topk_overlap", "IG top-k", 3), ("link_spearman_jac_norm", "ρ(ΔL2, ‖J‖)", 2),
-           ("link_spearman_jac_entropy", "ρ(ΔL2, H)", 2)]
+COLUMNS = [("test_acc", "acc", 3), ("gmsi", "GMSI", 2), ("gmsi_forward", "c_fwd", 3), ("gmsi_parameter", "c_par", 3),
+           ("gmsi_ntk", "κ(NTK)", 3), ("gmsi_curvature", "c_curv", 3), ("w_sigma_max", "max σ₁", 3),
+           ("w_log10_prod_sigma", "log10 Πσ₁", 2), ("w_mean_stable_rank", "srank", 3)] + [
+    (f"{m}_{col}", f"{label} {name}", 3) for m, label in (("sal", "sal"), ("ig", "IG"))
+    for col, name in (("relative_l2", "ΔL2"), ("cosine", "cos"), ("topk_overlap", "top-k"), ("spearman", "ρ"),
+                      ("max_sensitivity", "maxsens"))] + [
+    ("link_spearman_jac_norm", "ρ(ΔL2, ‖J‖)", 2), ("link_spearman_jac_entropy", "ρ(ΔL2, H)", 2)]
 
 
 def aggregate(records: list[dict]):
