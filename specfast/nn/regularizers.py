@@ -211,6 +211,12 @@ def _wv(W: Tensor, v: Tensor) -> Tensor:
 
 
 # ------------------------------------------------------------------------------ weight spectral norm
+def _total(terms: list[Tensor]) -> Tensor:
+    """The sum of per-matrix scalar terms, in float64 if any term is, else float32."""
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in terms) else torch.float32
+    return torch.stack([t.to(terms[0].device, dtype) for t in terms]).sum()
+
+
 class WeightSpectralPenalty:
     """Σ_l σ₁(W_l)² over the selected weight matrices (differentiable; add ``λ · penalty()`` to the loss).
 
@@ -354,9 +360,7 @@ class WeightSpectralPenalty:
             self._V[e.name] = V
             self._sigma[e.name] = s2.detach().sqrt()
             terms.append(s2.sum())
-        dev = terms[0].device
-        dtype = torch.float64 if any(t.dtype == torch.float64 for t in terms) else torch.float32
-        return torch.stack([t.to(dev, dtype) for t in terms]).sum()
+        return _total(terms)
 
     __call__ = penalty
 
@@ -475,9 +479,7 @@ class SpectralEntropyPenalty:
             t = self.concentration(_matrix_view(p, e.kind))
             self._terms[e.name] = t.detach()
             terms.append(t.sum())
-        dev = terms[0].device
-        dtype = torch.float64 if any(t.dtype == torch.float64 for t in terms) else torch.float32
-        return torch.stack([t.to(dev, dtype) for t in terms]).sum()
+        return _total(terms)
 
     __call__ = penalty
 
