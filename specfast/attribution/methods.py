@@ -173,28 +173,29 @@ def _normal(shape, dtype: torch.dtype, device, generator: torch.Generator | None
 
 
 # ------------------------------------------------------------------------------------ methods
+def _input_gradient(fname: str, model: Callable, x, target, forward_kwargs) -> tuple[Tensor, Tensor]:
+    """(x, ∂f_target(x)/∂x) after validating the arguments for ``fname``; an empty batch gives zeros."""
+    x = _check_x(x, fname)
+    t = _check_target(target, x.shape[0], x.device, fname)
+    fkw = _check_fkw(forward_kwargs, fname)
+    if x.shape[0] == 0:
+        return x, torch.zeros_like(x)
+    g, _, _ = _grad_rows(model, x, t, fname, fkw)
+    return x, g
+
+
 def saliency(model: Callable, x: Tensor, target=None, *, abs: bool = False,  # noqa: A002
              forward_kwargs: dict | None = None) -> Tensor:
     """Gradient ∂f_target(x)/∂x per sample; ``abs=True`` returns its absolute value (Captum's
     ``Saliency`` default). ``forward_kwargs``: extra keyword arguments of the model (e.g. an
     attention mask [B, T]); every method takes them, tensors with first dimension B per sample."""
-    x = _check_x(x, "saliency")
-    t = _check_target(target, x.shape[0], x.device, "saliency")
-    fkw = _check_fkw(forward_kwargs, "saliency")
-    if x.shape[0] == 0:
-        return torch.zeros_like(x)
-    g, _, _ = _grad_rows(model, x, t, "saliency", fkw)
+    x, g = _input_gradient("saliency", model, x, target, forward_kwargs)
     return (g.abs() if abs else g).to(x.dtype)
 
 
 def input_x_gradient(model: Callable, x: Tensor, target=None, *, forward_kwargs: dict | None = None) -> Tensor:
     """x ⊙ ∂f_target(x)/∂x (Captum's ``InputXGradient``)."""
-    x = _check_x(x, "input_x_gradient")
-    t = _check_target(target, x.shape[0], x.device, "input_x_gradient")
-    fkw = _check_fkw(forward_kwargs, "input_x_gradient")
-    if x.shape[0] == 0:
-        return torch.zeros_like(x)
-    g, _, _ = _grad_rows(model, x, t, "input_x_gradient", fkw)
+    x, g = _input_gradient("input_x_gradient", model, x, target, forward_kwargs)
     return (x * g).to(x.dtype)
 
 
